@@ -1,0 +1,200 @@
+"""The rewrite pass: a pristine base graph plus adapter stacks -> the live graph.
+
+The live graph is regenerated whenever the adapter state changes (active set,
+merge, disable), so it is always straight-line code for one configuration: no
+Python branching on adapter state inside the forward.
+
+One function, :func:`chain`, describes how a site's stacked adapters compute; it
+drives both the graph emitter and the eager evaluator used by checks and tests.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .sites import Site, site_operands
+
+ADAPTERS_ATTR = "rewriter_adapters"
+MERGED_ATTR = "rewriter_merged"
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One adapter at one site, in a concrete graph."""
+    target: str            #: submodule path in the GraphModule
+    module: torch.nn.Module
+    meta: dict             #: provenance stamped on inserted nodes
+
+
+class _Ops:
+    """What :func:`chain` needs: pre/post hooks, the base op, a final cast."""
+
+    def pre(self, entry, x): ...
+    def post(self, entry, x, y, bias): ...
+    def base(self, x): ...
+    def cast(self, y, dtype): ...
+
+
+def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtype | None):
+    """Stacked adapters ``f_1..f_n`` (bottom to top) compute ``W_eff = f_n(...f_1(W))``:
+    level k sees input ``x_k`` (after the input transforms of the levels above it),
+    pre-transforms it for the levels below, and post-processes their output."""
+    for k, entry in enumerate(stack):
+        if entry.module.needs_weight and k > 0:
+            raise ValueError(f"{type(entry.module).__name__} reads the layer weight, so it must be the lowest "
+                             "unmerged adapter on its site: merge or remove the adapters below it first")
+    xs = [x] * (len(stack) + 1)
+    for k in reversed(range(len(stack))):
+        xs[k] = ops.pre(stack[k], xs[k + 1]) if stack[k].module.has_pre else xs[k + 1]
+    y = ops.base(xs[0])
+    for k, entry in enumerate(stack):
+        if entry.module.has_post:
+            y = ops.post(entry, xs[k + 1], y, bias)
+    if out_dtype is not None and any(e.module.adapter_dtype != out_dtype for e in stack):
+        y = ops.cast(y, out_dtype)
+    return y
+
+
+class _EagerOps(_Ops):
+    def __init__(self, base: Callable, weight: torch.Tensor):
+        self.base, self.weight = base, weight
+
+    def pre(self, entry, x):
+        return entry.module(x, stage="pre")
+
+    def post(self, entry, x, y, bias):
+        if entry.module.needs_weight:
+            return entry.module(x, y, bias, stage="post", weight=self.weight)
+        return entry.module(x, y, bias, stage="post")
+
+    def cast(self, y, dtype):
+        return y.to(dtype)
+
+
+def run_site(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modules: Sequence,
+             *, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Evaluate a site eagerly: base matmul plus stacked adapter modules (bottom to top).
+    ``weight`` is in the site's own layout (``[in, out]`` when ``fan_in_fan_out``)."""
+    if fan_in_fan_out:
+        def base(inp):
+            flat = inp.reshape(-1, inp.shape[-1])
+            out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+            return out.reshape(*inp.shape[:-1], weight.shape[1])
+    else:
+        def base(inp):
+            return F.linear(inp, weight, bias)
+    stack = [StackEntry("", m, {}) for m in modules]
+    return chain(_EagerOps(base, weight.t() if fan_in_fan_out else weight), x, bias, stack, weight.dtype)
+
+
+def fold_site(weight: torch.Tensor, bias: torch.Tensor | None, modules: Sequence, *,
+              fan_in_fan_out: bool = False):
+    """Fold stacked modules into ``(weight, bias)`` in float32, cast once to the weight dtype."""
+    w = weight.detach().float()
+    w = w.t() if fan_in_fan_out else w
+    b = bias.detach().float() if bias is not None else None
+    for module in modules:
+        w, b = module.fold(w, b)
+    w = w.t() if fan_in_fan_out else w
+    return w.to(weight.dtype).contiguous(), (b.to(bias.dtype) if b is not None else None)
+
+
+class _GraphOps(_Ops):
+    """Emits the chain as graph nodes: pre hooks before the site node, posts after it."""
+
+    def __init__(self, graph: fx.Graph, node: fx.Node, x_index: int, weight: fx.Node, transposed: bool):
+        self.graph, self.node, self.x_index = graph, node, x_index
+        self.weight, self.transposed = weight, transposed
+        self.last = node
+
+    def _stamp(self, new: fx.Node, entry: StackEntry) -> fx.Node:
+        new.meta["rewrite"] = dict(entry.meta)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in self.node.meta:
+                new.meta[key] = self.node.meta[key]
+        return new
+
+    def _after(self, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_after(self.last):
+            self.last = self.graph.create_node(*args, **kwargs)
+        return self.last
+
+    def pre(self, entry, x):
+        with self.graph.inserting_before(self.node):
+            return self._stamp(self.graph.call_module(entry.target, (x,), {"stage": "pre"}), entry)
+
+    def post(self, entry, x, y, bias):
+        kwargs = {"stage": "post"}
+        if entry.module.needs_weight:
+            weight = self.weight
+            if self.transposed:  # modules always see [out, in]
+                with self.graph.inserting_before(self.node):
+                    weight = self.graph.call_method("t", (weight,))
+            kwargs["weight"] = weight
+        return self._stamp(self._after("call_module", entry.target, (x, y, bias), kwargs), entry)
+
+    def base(self, x):
+        self.node.update_arg(self.x_index, x)
+        return self.node
+
+    def cast(self, y, dtype):
+        return self._after("call_method", "to", (y, dtype))
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {}, return_output_node=True)
+    if isinstance(out, tuple):
+        value, old_output = out
+        new.output(value, type_expr=old_output.type)
+        new_output = next(iter(reversed(new.nodes)))
+        new_output.meta = copy.copy(old_output.meta)
+    else:
+        new.output(out)
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
+
+
+def build_graph(base: fx.Graph, sites: dict[str, Site], stacks: dict[str, list[StackEntry]],
+                merged: dict[str, tuple[str, str | None]]) -> fx.Graph:
+    """A copy of ``base`` with adapter stacks inserted at sites and merged weights swapped in.
+
+    ``stacks``: site name -> entries bottom to top; ``merged``: site name -> attribute paths
+    of the folded (weight, bias) to use instead of the originals.
+    """
+    graph = copy_graph(base)
+    by_node = {n: s for s in sites.values() for n in s.nodes}
+    for node in list(graph.nodes):
+        if node.name not in by_node:
+            continue
+        site = by_node[node.name]
+        x, w, b, op = site_operands(node)
+        w_index, b_index, x_index = (1, 2, 0) if op == "linear" else (2, 0, 1)
+        if site.name in merged:
+            w_attr, b_attr = merged[site.name]
+            with graph.inserting_before(node):
+                node.update_arg(w_index, graph.get_attr(w_attr))
+                if b_attr is not None:
+                    b = graph.get_attr(b_attr)
+                    if b_index < len(node.args):
+                        node.update_arg(b_index, b)
+                    else:
+                        node.update_kwarg("bias", b)
+        stack = stacks.get(site.name)
+        if not stack:
+            continue
+        users = list(node.users)
+        bias = node.args[b_index] if b_index < len(node.args) else node.kwargs.get("bias")
+        val = node.meta.get("val")
+        dtype = val.dtype if isinstance(val, torch.Tensor) else None
+        ops = _GraphOps(graph, node, x_index, node.args[w_index], transposed=(op == "conv1d"))
+        y = chain(ops, x, bias, stack, dtype)
+        for user in users:
+            user.replace_input_with(node, y)
+    graph.lint()
+    return graph

@@ -1,0 +1,183 @@
+"""The method contract and the registry.
+
+A method is one file under ``rewriter/methods/`` that registers a :class:`MethodSpec`:
+a frozen config dataclass and an :class:`AdapterModule` subclass.  The graph rewriter
+only knows the contract below, so a new method never touches the core.
+
+An adapter at a site is a function on the site's effective weight, ``(W, b) -> (W', b')``
+(``fold``).  Stacked adapters compose bottom to top, so the stacked layer computes
+``W_eff = f_n(...f_1(W))``.  The unmerged forward computes the same thing without
+materialising ``W_eff`` through two optional hooks:
+
+* ``pre(x)``: the layer input transform of this level (rotation, input scaling);
+* ``post(x, y, bias)``: turns the output of the levels below into this level's output
+  (``y + delta(x)`` for additive methods, ``l * y`` for output scaling).
+
+Merging folds a prefix of the stack into the weight; that is exact because the forward
+and the fold describe the same function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, RewriterError
+
+
+class AdapterModule(nn.Module):
+    """One adapter at one site.  Weights are always in ``[out, in]`` layout here."""
+
+    #: ``post`` is ``y + delta(x)`` with a delta that does not depend on W: such
+    #: adapters commute with each other, so any subset of them can be merged.
+    additive: ClassVar[bool] = True
+    has_pre: ClassVar[bool] = False
+    has_post: ClassVar[bool] = True
+    #: ``post`` also needs the site's current weight (``[out, in]`` layout), passed as
+    #: ``weight=``; such an adapter must be the lowest unmerged adapter on its site
+    needs_weight: ClassVar[bool] = False
+    #: why this method cannot be folded into the weight (None: it can)
+    not_mergeable: ClassVar[str | None] = None
+
+    def __init__(self, site, config):
+        super().__init__()
+        self.site_name = site.name
+        self.in_features = site.in_features
+        self.out_features = site.out_features
+        self.config = config
+
+    def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None):
+        if stage == "pre":
+            return self.pre(x)
+        if self.needs_weight:
+            return self.post(x, y, bias, weight=weight)
+        return self.post(x, y, bias)
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def post(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return y
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Return ``(W', b')`` in float32 for float32 ``weight [out, in]`` and ``bias [out]``."""
+        raise NotImplementedError
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str                      #: the name used in rule files (``method = "lora"``)
+    config_cls: type               #: frozen dataclass of the method's parameters
+    module_cls: type               #: AdapterModule subclass, built as ``module_cls(site, config)``
+    peft_type: str | None = None   #: PEFT's ``peft_type`` for checkpoint interop
+    #: PEFT state-dict key suffix -> our parameter name inside the module
+    peft_keys: Mapping[str, str] = field(default_factory=dict)
+    #: rule-file spellings -> config field names
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    #: config fields that are PEFT bookkeeping only; accepted from PEFT configs, ignored
+    ignored_peft_fields: frozenset = frozenset()
+    summary: str = ""
+    #: optional per-adapter training controller, built as ``controller(modules, config)``
+    #: with ``modules`` = {site name: AdapterModule}; it may define ``update_and_allocate(step)``
+    #: (called by ``Adapted.update_and_allocate``) and ``regularization() -> Tensor``
+    #: (added by ``Adapted.regularization_loss``), e.g. AdaLoRA's rank allocator
+    controller: Any = None
+
+    def field_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_cls)]
+
+    def make_config(self, params: Mapping[str, Any]):
+        """Build the config from rule-file parameters, resolving aliases; unknown keys raise."""
+        fields = set(self.field_names())
+        values: dict[str, Any] = {}
+        for key, value in params.items():
+            name = self.aliases.get(key, key)
+            if name not in fields:
+                known = sorted(fields | set(self.aliases))
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+                raise ConfigError(f"unknown parameter '{key}' for method '{self.name}'", field=key, fix=hint)
+            values[name] = value
+        try:
+            return self.config_cls(**values)
+        except ConfigError:
+            raise
+        except TypeError as exc:  # wrong type caught by dataclass machinery
+            raise ConfigError(str(exc)) from exc
+
+    def config_dict(self, config) -> dict[str, Any]:
+        return dataclasses.asdict(config)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS and METHODS[spec.name] is not spec:
+        raise RuntimeError(f"method '{spec.name}' registered twice")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    from . import load_all
+
+    load_all()
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        raise RewriterError(
+            f"unknown method '{name}'",
+            fix=(f"did you mean '{close[0]}'? " if close else "") + f"available: {', '.join(sorted(METHODS))}",
+        )
+    return METHODS[name]
+
+
+# ---- small validation helpers shared by method configs -------------------------------------
+
+def check_int(name: str, value, *, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"'{name}' must be an integer, got {value!r}", field=name)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"'{name}' must be >= {minimum}, got {value}", field=name)
+
+
+def check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"'{name}' must be a number, got {value!r}", field=name)
+
+
+def check_probability(name: str, value) -> None:
+    check_number(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"'{name}' must be in [0, 1), got {value}", field=name)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"'{name}' must be one of {list(choices)}, got {value!r}", field=name)
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{name}' must be true or false, got {value!r}", field=name)
+
+
+def round_like_base(t: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:
+    """PEFT creates adapter weights in the base dtype and then upcasts them to float32;
+    doing the same rounding keeps initial values identical on low-precision bases."""
+    if base_dtype.is_floating_point and base_dtype != t.dtype:
+        return t.to(base_dtype).to(t.dtype)
+    return t

@@ -1,0 +1,133 @@
+"""Turn a model into a torch.fx GraphModule.
+
+Hugging Face models (and any ``nn.Module``) go through ``torch.export`` (non-strict, eval
+mode, ``use_cache=False``, batch and sequence dims dynamic) and we work on
+``ep.module()``, which shares the model's parameters.  A GraphModule the user already
+has is taken as it is.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+
+
+@dataclass
+class Traced:
+    """A traced graph plus what is needed to call it like the original model."""
+    gm: fx.GraphModule
+    #: keyword arguments the graph was traced with; tensors are examples, the rest are constants
+    example_inputs: dict[str, Any] = field(default_factory=dict)
+    #: non-tensor keyword arguments baked into the graph (e.g. use_cache=False)
+    static_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: positional calling convention (plain modules traced from a tuple of tensors)
+    positional: bool = False
+    source: nn.Module | None = None
+    seconds: float = 0.0
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "model_type")
+
+
+def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
+    """Example keyword inputs for a Hugging Face model, made from its config."""
+    if not _is_hf(model):
+        raise TraceError(f"cannot make example inputs for {type(model).__name__}",
+                         fix="pass example_inputs=(tensor, ...) or a dict of keyword tensors")
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab = getattr(text_cfg, "vocab_size", None) or 100
+    gen = torch.Generator().manual_seed(0)
+    inputs: dict[str, Any] = {}
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        ch = getattr(cfg, "num_channels", 3)
+        size = getattr(cfg, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        inputs["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen)
+    elif main == "input_features":
+        bins = getattr(cfg, "num_mel_bins", 80)
+        length = 2 * getattr(cfg, "max_source_positions", 1500)
+        inputs["input_features"] = torch.randn(batch, bins, length, generator=gen)
+    else:
+        inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen)
+        if "attention_mask" in params:
+            inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        if "token_type_ids" in params and getattr(cfg, "type_vocab_size", 0):
+            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2)), generator=gen)
+    return inputs
+
+
+def _dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
+    spec = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and dynamic and value.dim() >= 1:
+            dims = {0: torch.export.Dim.AUTO}
+            if value.dim() >= 2 and not value.is_floating_point():  # token dims: (batch, seq)
+                dims[1] = torch.export.Dim.AUTO
+            spec[name] = dims
+        else:
+            spec[name] = None
+    return spec
+
+
+def trace(model, example_inputs=None, *, dynamic: bool = True) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule (see :func:`trace_model` for the details kept)."""
+    return trace_model(model, example_inputs, dynamic=dynamic).gm
+
+
+def trace_model(model, example_inputs=None, *, dynamic: bool = True) -> Traced:
+    if isinstance(model, fx.GraphModule):
+        return Traced(gm=model, positional=True, source=None)
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # export bakes dropout: trace the inference graph
+    hf = _is_hf(model)
+    positional = False
+    if example_inputs is None:
+        kwargs = example_inputs_for(model)
+    elif isinstance(example_inputs, Mapping):
+        kwargs = dict(example_inputs)
+    else:
+        positional = True
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    static: dict[str, Any] = {}
+    if hf and not positional:
+        params = inspect.signature(model.forward).parameters
+        for key, value in (("use_cache", False), ("return_dict", True)):
+            if key in params and key not in kwargs:
+                kwargs[key] = value
+        static = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if positional:
+                spec = tuple(_dynamic_spec({str(i): a for i, a in enumerate(args)}, dynamic).values())
+                ep = torch.export.export(model, args, dynamic_shapes=spec, strict=False)
+            else:
+                ep = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic_spec(kwargs, dynamic),
+                                         strict=False)
+    except Exception as exc:  # torch.export raises many types; wrap with the fix
+        raise TraceError(
+            f"torch.export failed for {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            fix="try dynamic=False, attn_implementation='eager', or trace the model yourself and pass the GraphModule",
+        ) from exc
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    examples = {str(i): a for i, a in enumerate(args)} if positional else kwargs
+    return Traced(gm=gm, example_inputs=examples, static_kwargs=static, positional=positional, source=model,
+                  seconds=time.perf_counter() - start)
