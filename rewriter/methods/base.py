@@ -103,6 +103,7 @@ class MethodSpec:
         """Build the config from rule-file parameters, resolving aliases; unknown keys raise."""
         fields = set(self.field_names())
         values: dict[str, Any] = {}
+        spelled: dict[str, str] = {}
         for key, value in params.items():
             name = self.aliases.get(key, key)
             if name not in fields:
@@ -111,9 +112,12 @@ class MethodSpec:
                 hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
                 raise ConfigError(f"unknown parameter '{key}' for method '{self.name}'", field=key, fix=hint)
             values[name] = value
+            spelled[name] = key
         try:
             return self.config_cls(**values)
-        except ConfigError:
+        except ConfigError as exc:
+            if exc.field in spelled:  # report the spelling the user wrote
+                exc.field = spelled[exc.field]
             raise
         except TypeError as exc:  # wrong type caught by dataclass machinery
             raise ConfigError(str(exc)) from exc

@@ -1,0 +1,478 @@
+"""``Adapted``: the model users hold after rewriting.
+
+It owns a traced GraphModule, the pristine base graph, and named adapters.  Any state
+change (active set, merge, disable, delete) regenerates the live graph from the base
+graph, so the forward is straight-line code for the current configuration.
+
+Merging never writes into the model's own parameters: folded weights are computed in
+float32 from the untouched originals, cast once, and stored beside them, so unmerge is
+exact by construction and repeated cycles cannot drift.  ``merge_and_unload`` is the one
+operation that writes folded weights back into the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import MergeError, RewriterError
+from .graph import ADAPTERS_ATTR, MERGED_ATTR, StackEntry, build_graph, copy_graph, fold_site
+from .methods import AdapterModule, get_method
+from .rules import Plan, RuleSet, load_rules, parse_rules, plan, rules_from_dict
+from .sites import Site, find_sites, normalize
+from .trace import Traced, trace_model
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    method: str                          #: the adapter's main method ([adapter] method)
+    plan: Plan
+    ruleset: RuleSet | None
+    modules: dict[str, AdapterModule]     #: site name -> module
+    train_modules: list[str] = field(default_factory=list)
+    controller: Any = None
+
+    def decision(self, site: str):
+        return next(d for d in self.plan.decisions if d.site == site)
+
+
+def coerce_rules(rules) -> RuleSet:
+    """A RuleSet from a RuleSet, a path, TOML text, or a dict."""
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, Mapping):
+        return rules_from_dict(rules)
+    if isinstance(rules, Path) or (isinstance(rules, str) and "\n" not in rules and rules.endswith(".toml")):
+        return load_rules(rules)
+    if isinstance(rules, str):
+        return parse_rules(rules)
+    raise RewriterError(f"cannot read rules from {type(rules).__name__}",
+                        fix="pass a path to a .toml file, TOML text, a dict, or a RuleSet")
+
+
+def adapter_dtype_for(base: torch.dtype) -> torch.dtype:
+    """Adapters live in float32 on half-precision bases (as PEFT's autocast_adapter_dtype)."""
+    return torch.float32 if base in (torch.float16, torch.bfloat16) or not base.is_floating_point else base
+
+
+class Adapted(nn.Module):
+    def __init__(self, traced: Traced):
+        super().__init__()
+        self.gm = normalize(traced.gm)
+        self._traced = traced
+        self._source = [traced.source]  # a list keeps the user's model out of our submodules
+        self._base_graph = copy_graph(self.gm.graph)
+        self.sites: dict[str, Site] = {s.name: s for s in find_sites(self.gm)}
+        keys: dict[str, str] = {}
+        for s in self.sites.values():
+            if s.key in keys:
+                raise RewriterError(f"sites '{keys[s.key]}' and '{s.name}' map to the same attribute name '{s.key}'")
+            keys[s.key] = s.name
+        for p in self.gm.parameters():
+            p.requires_grad_(False)
+        self.gm.add_submodule(ADAPTERS_ATTR, nn.Module())
+        self.gm.add_submodule(MERGED_ATTR, nn.Module())
+        self.adapters: dict[str, AdapterRecord] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        self._disabled = False
+        self.training = False
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    @property
+    def _container(self) -> nn.Module:
+        return self.gm.get_submodule(ADAPTERS_ATTR)
+
+    @property
+    def _merged_holder(self) -> nn.Module:
+        return self.gm.get_submodule(MERGED_ATTR)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def merged(self) -> list[str]:
+        """Adapters folded into the weights, bottom to top."""
+        return list(self._merged)
+
+    @property
+    def source_model(self) -> nn.Module | None:
+        return self._source[0]
+
+    def _module_names(self) -> list[str]:
+        return [n for n, m in self.gm.named_modules()
+                if n and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)) and any(True for _ in m.parameters(recurse=False))]
+
+    def add_adapter(self, rules, adapter_name: str | None = None, *, activate: bool | None = None) -> AdapterRecord:
+        """Plan ``rules`` against this model's sites and insert the adapter.
+        The first adapter becomes active; later ones only with ``activate=True`` or ``set_adapter``."""
+        ruleset = coerce_rules(rules)
+        name = adapter_name or ruleset.adapter
+        if name in self.adapters:
+            raise RewriterError(f"adapter '{name}' already exists on this model",
+                                fix="pick another adapter name, or delete_adapter() it first")
+        if not name.isidentifier():
+            raise RewriterError(f"adapter name {name!r} must be an identifier (letters, digits, _)")
+        p = plan(ruleset, list(self.sites.values()), self._module_names())
+        p.adapter = name
+        for w in p.warnings:
+            warnings.warn(w, stacklevel=2)
+        modules = {}
+        for d in p.decisions:
+            site = self.sites[d.site]
+            weight = self.gm.get_parameter(site.weight)
+            module = get_method(d.method).module_cls(site, d.config)
+            modules[d.site] = module.to(device=weight.device, dtype=adapter_dtype_for(weight.dtype))
+        self._container.add_module(name, nn.ModuleDict({self.sites[s].key: m for s, m in modules.items()}))
+        record = AdapterRecord(name=name, method=ruleset.method, plan=p, ruleset=ruleset, modules=modules,
+                               train_modules=[m for m, _ in p.train])
+        spec = get_method(ruleset.method)
+        if spec.controller is not None:
+            own = {s: m for s, m in modules.items() if isinstance(m, spec.module_cls) or
+                   p.decisions[[d.site for d in p.decisions].index(s)].method == spec.name}
+            record.controller = spec.controller(own, spec.make_config(ruleset.params))
+        self.adapters[name] = record
+        self._unfreeze_biases(record)
+        if activate or (activate is None and not self._active):
+            self._active.append(name)
+        self._refresh()
+        return record
+
+    def _unfreeze_biases(self, record: AdapterRecord) -> None:
+        for d in record.plan.decisions:
+            mode = getattr(d.config, "bias", "none")
+            if mode == "all":
+                for n, p in self.gm.named_parameters():
+                    if n.endswith("bias") and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)):
+                        p.requires_grad_(True)
+            elif mode != "none" and self.sites[d.site].bias:
+                self.gm.get_parameter(self.sites[d.site].bias).requires_grad_(True)
+        for module in record.train_modules:
+            for p in self.gm.get_submodule(module).parameters(recurse=False):
+                p.requires_grad_(True)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapters; several stack in the given order (bottom first)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._require(n)
+        if self._merged:
+            warnings.warn("set_adapter: unmerging the merged adapters first", stacklevel=2)
+            self._merged = []
+            self._clear_merged()
+        self._active = names
+        self._refresh()
+
+    def _require(self, name: str) -> AdapterRecord:
+        if name not in self.adapters:
+            import difflib
+            close = difflib.get_close_matches(name, list(self.adapters), n=1)
+            raise RewriterError(f"no adapter named '{name}'",
+                                fix=(f"did you mean '{close[0]}'? " if close else "") +
+                                f"adapters: {', '.join(self.adapters) or 'none'}")
+        return self.adapters[name]
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Inside the block the model computes exactly the base model (merged weights ignored)."""
+        previous = self._disabled
+        self._disabled = True
+        self._refresh()
+        try:
+            yield self
+        finally:
+            self._disabled = previous
+            self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self._merged:
+            raise RewriterError(f"adapter '{name}' is merged", fix="unmerge() before deleting it")
+        del self.adapters[name]
+        delattr(self._container, name)
+        self._active = [a for a in self._active if a != name]
+        self._refresh()
+
+    # ---- the live graph -----------------------------------------------------------------------
+
+    def _stacks(self) -> dict[str, list[StackEntry]]:
+        stacks: dict[str, list[StackEntry]] = {}
+        if self._disabled:
+            return stacks
+        for name in self._active:
+            if name in self._merged:
+                continue
+            record = self.adapters[name]
+            for d in record.plan.decisions:
+                key = self.sites[d.site].key
+                stacks.setdefault(d.site, []).append(StackEntry(
+                    f"{ADAPTERS_ATTR}.{name}.{key}", record.modules[d.site],
+                    {"adapter": name, "rule": d.rule, "method": d.method}))
+        return stacks
+
+    def _merged_attrs(self) -> dict[str, tuple[str, str | None]]:
+        if self._disabled:
+            return {}
+        holder = self._merged_holder
+        out = {}
+        for site in self.sites.values():
+            w = f"{site.key}__weight"
+            if hasattr(holder, w):
+                b = f"{site.key}__bias"
+                out[site.name] = (f"{MERGED_ATTR}.{w}", f"{MERGED_ATTR}.{b}" if hasattr(holder, b) else None)
+        return out
+
+    def _refresh(self) -> None:
+        """Regenerate the live graph and the trainable flags from the adapter state."""
+        live = set(self._active) - set(self._merged)
+        for name, record in self.adapters.items():
+            for module in record.modules.values():
+                module.requires_grad_(name in live and not self._disabled)
+        self.gm.graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
+        self.gm.recompile()
+
+    # ---- calling ----------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        traced = self._traced
+        if traced.positional:
+            return self.gm(*args, **kwargs)
+        names = list(traced.example_inputs)
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"input '{name}' given twice")
+            kwargs[name] = value
+        call = {}
+        for name, example in traced.example_inputs.items():
+            if name in kwargs:
+                value = kwargs.pop(name)
+                if not isinstance(example, torch.Tensor) and value != example:
+                    raise RewriterError(f"'{name}={value!r}' differs from the traced value {example!r}",
+                                        fix=f"re-trace with {name}={value!r} in example_inputs")
+                call[name] = value
+            elif not isinstance(example, torch.Tensor):
+                call[name] = example
+            elif name in ("attention_mask", "token_type_ids") and "input_ids" in call:
+                ids = call["input_ids"]
+                call[name] = torch.ones_like(ids) if name == "attention_mask" else torch.zeros_like(ids)
+            else:
+                raise RewriterError(f"missing input '{name}'", fix=f"the graph was traced with inputs {names}")
+        extra = [k for k, v in kwargs.items() if v is not None]
+        if extra:
+            raise RewriterError(
+                f"the graph was traced without input(s) {extra}; it takes {names}",
+                fix="re-trace with them: rewriter.apply(model, rules, example_inputs={...all inputs...})")
+        return self.gm(**call)
+
+    def train(self, mode: bool = True):
+        """Switch the adapters' own dropout; the traced base graph stays as traced (eval)."""
+        self.training = mode
+        for module in self._container.modules():
+            module.training = mode
+        return self
+
+    # ---- merge ------------------------------------------------------------------------------
+
+    def _site_order(self, site: str, merged: Sequence[str]) -> list[str]:
+        """Adapters on ``site`` bottom to top: merged ones, then the active unmerged ones."""
+        unmerged = [a for a in self._active if a not in merged]
+        return [a for a in list(merged) + unmerged if site in self.adapters[a].modules]
+
+    def _check_mergeable(self, names: Sequence[str]) -> None:
+        for name in names:
+            for module in self.adapters[name].modules.values():
+                if module.not_mergeable:
+                    raise MergeError(f"adapter '{name}' cannot be merged: {module.not_mergeable}",
+                                     fix="keep it unmerged, or unload() it")
+        for site in self.sites:
+            before = self._site_order(site, self._merged)
+            after = self._site_order(site, self._merged + list(names))
+            moved = [a for a in before if before.index(a) != after.index(a)] if set(before) == set(after) else []
+            for a in moved:
+                module = self.adapters[a].modules[site]
+                if not module.additive:
+                    raise MergeError(
+                        f"merging {list(names)} would reorder adapters on '{site}' ({before} -> {after}) and "
+                        f"'{a}' ({type(module).__name__}) does not commute with the others",
+                        fix="merge adapters bottom-up: merge the adapters below them first, or all at once")
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters into the weights (float32 math, one cast).  ``adapter_names`` defaults to the
+        active adapters; already merged ones are skipped.  ``safe=True`` checks every folded weight and
+        bias for non-finite values first and leaves the model untouched if any is found."""
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        for n in names:
+            self._require(n)
+        names = [n for n in names if n not in self._merged]
+        if not names:
+            return
+        self._check_mergeable(names)
+        order = self._merged + names
+        folded = {}
+        for site in self.sites.values():
+            stack = [self.adapters[a].modules[site.name] for a in order if site.name in self.adapters[a].modules]
+            if not stack:
+                continue
+            weight = self.gm.get_parameter(site.weight)
+            bias = self.gm.get_parameter(site.bias) if site.bias else None
+            w, b = fold_site(weight, bias, stack, fan_in_fan_out=site.fan_in_fan_out)
+            if safe:
+                for what, t in (("weight", w), ("bias", b)):
+                    if t is not None and not torch.isfinite(t).all():
+                        raise MergeError(f"merging {names} gives non-finite values in the {what} of '{site.name}'",
+                                         fix="the model was left unchanged; inspect that site's adapter weights")
+            folded[site] = (w, b)
+        self._clear_merged()
+        holder = self._merged_holder
+        for site, (w, b) in folded.items():
+            holder.register_buffer(f"{site.key}__weight", w, persistent=False)
+            if b is not None:
+                holder.register_buffer(f"{site.key}__bias", b, persistent=False)
+        self._merged = order
+        self._refresh()
+
+    def _clear_merged(self) -> None:
+        holder = self._merged_holder
+        for key in list(holder._buffers):
+            delattr(holder, key)
+
+    def unmerge(self) -> None:
+        """Restore the original weights exactly (they were never modified)."""
+        self._merged = []
+        self._clear_merged()
+        self._refresh()
+
+    @torch.no_grad()
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None, safe: bool = False) -> nn.Module:
+        """Fold adapters into the model's own weights and return the plain model (the original
+        ``nn.Module`` when one was traced, else the GraphModule).  Tied weights are untied first."""
+        self.merge(adapter_names, safe=safe)
+        holder = self._merged_holder
+        for site in self.sites.values():
+            if not hasattr(holder, f"{site.key}__weight"):
+                continue
+            self._write_back(site.weight, getattr(holder, f"{site.key}__weight"))
+            if site.bias and hasattr(holder, f"{site.key}__bias"):
+                self._write_back(site.bias, getattr(holder, f"{site.key}__bias"))
+        self._merged = []
+        self._clear_merged()
+        return self.unload()
+
+    def _write_back(self, path: str, value: torch.Tensor) -> None:
+        param = self.gm.get_parameter(path)
+        aliases = [n for n, p in self.gm.named_parameters(remove_duplicate=False) if p is param]
+        source = self.source_model
+        if len(aliases) == 1:
+            param.copy_(value)
+            return
+        # tied: give the merged module its own parameter so the other users keep the original
+        untied = nn.Parameter(value.clone(), requires_grad=param.requires_grad)
+        owner, _, attr = path.rpartition(".")
+        targets = [self.gm] + ([source] if source is not None else [])
+        for root in targets:
+            try:
+                setattr(root.get_submodule(owner), attr, untied)
+            except AttributeError:
+                pass
+        if source is not None and getattr(getattr(source, "config", None), "tie_word_embeddings", False):
+            source.config.tie_word_embeddings = False
+        warnings.warn(f"'{path}' was tied to {[a for a in aliases if a != path]}; it was untied so the merge "
+                      "does not change them", stacklevel=3)
+        # graph nodes that read the alias through this path (e.g. an embedding) must keep the original
+        self._base_graph = _retarget(self._base_graph, path, aliases, self.gm)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter (nothing merged) and return the plain model."""
+        self._merged = []
+        self._clear_merged()
+        self.adapters.clear()
+        self._active = []
+        for name in list(self._container._modules):
+            delattr(self._container, name)
+        self._refresh()
+        return self.source_model if self.source_model is not None else self.gm
+
+    # ---- training helpers -------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> str:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(line)
+        return line
+
+    def update_and_allocate(self, step: int) -> None:
+        """Run the per-step controllers of the active adapters (e.g. AdaLoRA's rank allocator)."""
+        for name in self._active:
+            controller = self.adapters[name].controller
+            if controller is not None and hasattr(controller, "update_and_allocate"):
+                controller.update_and_allocate(step)
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Sum of the active adapters' training regularisers (0 when none has one)."""
+        total = torch.zeros(())
+        for name in self._active:
+            controller = self.adapters[name].controller
+            if controller is not None and hasattr(controller, "regularization"):
+                total = total + controller.regularization()
+        return total
+
+    # ---- reporting, saving ------------------------------------------------------------------
+
+    def explain(self) -> str:
+        from .rules import format_plan
+        return "\n\n".join(format_plan(r.plan) for r in self.adapters.values())
+
+    def save_adapter(self, directory, adapter_names: Sequence[str] | None = None, format: str = "rewriter") -> Path:
+        from .checkpoint import save_adapter
+        return save_adapter(self, directory, adapter_names=adapter_names, format=format)
+
+    def load_adapter(self, directory, adapter_name: str | None = None, *, activate: bool | None = None):
+        from .checkpoint import load_adapter_into
+        return load_adapter_into(self, directory, adapter_name=adapter_name, activate=activate)
+
+    def code(self) -> str:
+        from .export import graph_code
+        return graph_code(self)
+
+    def extra_repr(self) -> str:
+        return (f"sites={len(self.sites)}, adapters={list(self.adapters)}, active={self._active}, "
+                f"merged={self._merged}")
+
+
+def _retarget(graph: fx.Graph, path: str, aliases: list[str], gm: fx.GraphModule) -> fx.Graph:
+    """Point non-matmul readers of a tied weight at another alias of the original tensor."""
+    from .sites import site_operands
+    others = [a for a in aliases if a != path]
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target == path:
+            for user in list(node.users):
+                ops = site_operands(user)
+                if ops is None or ops[1] is not node:
+                    with graph.inserting_before(user):
+                        user.replace_input_with(node, graph.get_attr(others[0]))
+    return graph
+
+
+def apply(model_or_graph, rules, *, example_inputs=None, adapter_name: str | None = None,
+          dynamic: bool = True) -> Adapted:
+    """Trace (when needed) and insert the adapter described by ``rules``."""
+    if isinstance(model_or_graph, Adapted):
+        model_or_graph.add_adapter(rules, adapter_name)
+        return model_or_graph
+    adapted = Adapted(trace_model(model_or_graph, example_inputs, dynamic=dynamic))
+    adapted.add_adapter(rules, adapter_name)
+    return adapted

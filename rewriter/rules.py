@@ -1,0 +1,374 @@
+"""Rule files: which sites get which adapter.
+
+A rule file is TOML, parsed into frozen dataclasses.  Rules are ordered and the first
+rule that matches a site decides for it (``skip`` rules exclude).  A rule that matches
+nothing is an error unless ``optional``; a rule whose every match was already taken by
+earlier rules is reported as shadowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import ConfigError, RuleError
+from .methods import get_method
+from .sites import Site
+
+SCHEMA = 1
+ACTIONS = ("adapt", "skip", "train")
+_TOP_KEYS = {"schema", "adapter", "rule"}
+_ADAPTER_KEYS = {"name", "method"}
+_RULE_KEYS = {"name", "match", "suffix", "layers", "layers_pattern", "action", "method", "optional"}
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: str | None = None          #: regex, always a FULL match on the module name
+    suffix: tuple[str, ...] = ()      #: exact module names or '.'-bounded suffixes
+    layers: tuple[int, ...] | None = None
+    layers_pattern: str | None = None  #: PEFT-style regex fragment naming the layer container
+    action: str = "adapt"
+    method: str | None = None          #: overrides the adapter's method
+    params: Mapping[str, Any] = field(default_factory=dict)  #: method parameter overrides
+    optional: bool = False
+    line: int | None = None
+
+    def matches(self, name: str) -> bool:
+        if self.match is not None and not re.fullmatch(self.match, name):
+            return False
+        if self.suffix and not any(name == s or name.endswith("." + s) for s in self.suffix):
+            return False
+        if self.layers is not None:
+            index = layer_of(name, self.layers_pattern)
+            if index is None or index not in self.layers:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    adapter: str = "default"
+    method: str = "lora"
+    params: Mapping[str, Any] = field(default_factory=dict)  #: defaults for every rule
+    rules: tuple[Rule, ...] = ()
+    source: str | None = None   #: file path, for messages
+    text: str | None = None     #: the file's text, saved beside checkpoints
+
+    def where(self, rule: Rule | None = None, key: str | None = None) -> str:
+        place = self.source or "<rules>"
+        if rule is None and key is not None:  # a key of the [adapter] table
+            header = (_header_lines(self.text, "[adapter]") or [None])[0] if self.text else None
+            line = _field_line(self.text, header, key) if header else None
+            return place + (f":{line}" if line else "") + f", [adapter], field '{key}'"
+        if rule is not None:
+            line = _field_line(self.text, rule.line, key) if key else rule.line
+            place += f":{line}" if line else ""
+            place += f", rule '{rule.name}'"
+        if key:
+            place += f", field '{key}'"
+        return place
+
+
+def layer_of(name: str, pattern: str | None = None) -> int | None:
+    """Layer index of a module name: the first all-digit component, or with ``pattern``
+    (PEFT's ``layers_pattern``) the index right after a component matching it."""
+    if pattern is None:
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    else:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+# ---- parsing --------------------------------------------------------------------------------
+
+def _field_line(text: str | None, start: int | None, key: str) -> int | None:
+    """Line of ``key = ...`` inside the table whose header is on line ``start`` (1-based)."""
+    if not text or not start:
+        return start
+    for number, line in enumerate(text.splitlines()[start:], start=start + 1):
+        if line.lstrip().startswith("["):
+            break
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return number
+    return start
+
+
+def _header_lines(text: str, header: str) -> list[int]:
+    return [i + 1 for i, line in enumerate(text.splitlines()) if line.strip().replace(" ", "") == header]
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+
+
+def _str_tuple(value, where: str, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise RuleError(f"'{key}' must be a string or a list of strings, got {value!r}", where=where)
+
+
+def _layers(value, where: str) -> tuple[int, ...]:
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in values):
+        raise RuleError(f"'layers' must be a non-negative integer or a list of them, got {value!r}", where=where,
+                        fix="e.g. layers = [0, 1, 2]")
+    return tuple(values)
+
+
+def _regex(value, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise RuleError(f"'{key}' must be a string (a regular expression), got {value!r}", where=where)
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise RuleError(f"'{key}' is not a valid regular expression: {exc}", where=where,
+                        fix="write the regex in single quotes ('...') so backslashes stay literal") from exc
+    return value
+
+
+def _check_params(ruleset: RuleSet, method: str, params: Mapping[str, Any], rule: Rule | None) -> None:
+    try:
+        spec = get_method(method)
+    except Exception as exc:
+        raise RuleError(str(exc).split("\n")[0], where=ruleset.where(rule, "method"),
+                        fix=getattr(exc, "fix", None)) from None
+    try:
+        spec.make_config({**ruleset.params, **params} if rule is not None else params)
+    except ConfigError as exc:
+        raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
+
+
+def parse_rules(text: str, source: str | None = None) -> RuleSet:
+    where = source or "<rules>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleError(f"invalid TOML: {exc}", where=where, fix="check the quoting and brackets on that line") from None
+    return rules_from_dict(data, source=source, text=text)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Read and validate a rule file; errors name the file, line, rule and field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RuleError(f"cannot read rule file: {exc.strerror}", where=str(path)) from None
+    return parse_rules(text, source=str(path))
+
+
+def rules_from_dict(data: Mapping[str, Any], *, source: str | None = None, text: str | None = None) -> RuleSet:
+    where = source or "<rules>"
+    if not isinstance(data, Mapping):
+        raise RuleError("a rule set must be a table", where=where)
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise RuleError(f"unknown top-level key '{key}'", where=where, fix=_did_you_mean(key, _TOP_KEYS))
+    schema = data.get("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise RuleError(f"unsupported schema {schema!r}", where=where, fix=f"this rewriter reads schema = {SCHEMA}")
+    adapter = dict(data.get("adapter", {}))
+    if not isinstance(data.get("adapter", {}), Mapping):
+        raise RuleError("[adapter] must be a table", where=where)
+    name = adapter.pop("name", "default")
+    method = adapter.pop("method", "lora")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise RuleError(f"adapter name {name!r} must be an identifier (letters, digits, _)", where=where + ", [adapter]")
+    if not isinstance(method, str):
+        raise RuleError(f"method must be a string, got {method!r}", where=where + ", [adapter]")
+    ruleset = RuleSet(adapter=name, method=method, params=adapter, source=source, text=text)
+    _check_params(ruleset, method, adapter, None)
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise RuleError("'rule' must be an array of tables: write each rule as [[rule]]", where=where)
+    if not raw_rules:
+        raise RuleError("the rule set has no rules", where=where, fix="add at least one [[rule]] with a match or suffix")
+    lines = _header_lines(text, "[[rule]]") if text else []
+    rules, seen = [], set()
+    for i, raw in enumerate(raw_rules):
+        line = lines[i] if i < len(lines) else None
+        rule = _parse_rule(ruleset, raw, i, line)
+        if rule.name in seen:
+            raise RuleError(f"two rules are named '{rule.name}'", where=ruleset.where(rule, "name"),
+                            fix="give every rule its own name")
+        seen.add(rule.name)
+        rules.append(rule)
+    return dataclasses.replace(ruleset, rules=tuple(rules))
+
+
+def _parse_rule(ruleset: RuleSet, raw, index: int, line: int | None) -> Rule:
+    if not isinstance(raw, Mapping):
+        raise RuleError("each rule must be a table", where=f"{ruleset.source or '<rules>'}:{line}")
+    name = raw.get("name", f"rule-{index + 1}")
+    stub = Rule(name=str(name), line=line)
+    if not isinstance(name, str) or not name:
+        raise RuleError(f"rule name must be a non-empty string, got {name!r}", where=ruleset.where(stub, "name"))
+    action = raw.get("action", "adapt")
+    if action not in ACTIONS:
+        raise RuleError(f"action must be one of {list(ACTIONS)}, got {action!r}", where=ruleset.where(stub, "action"),
+                        fix=_did_you_mean(str(action), ACTIONS))
+    method = raw.get("method", ruleset.method)
+    params = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
+    if action != "adapt":
+        for key in list(params) + (["method"] if "method" in raw else []):
+            raise RuleError(f"'{key}' has no meaning in a '{action}' rule", where=ruleset.where(stub, key),
+                            fix=_did_you_mean(key, _RULE_KEYS) if key not in _RULE_KEYS else "remove it")
+    match = _regex(raw["match"], ruleset.where(stub, "match"), "match") if "match" in raw else None
+    suffix = _str_tuple(raw["suffix"], ruleset.where(stub, "suffix"), "suffix") if "suffix" in raw else ()
+    if match is None and not suffix:
+        raise RuleError("a rule needs 'match' (a regex) or 'suffix' (names)", where=ruleset.where(stub),
+                        fix="e.g. match = 'model\\.layers\\.\\d+\\.self_attn\\.q_proj' or suffix = [\"q_proj\"]")
+    layers = _layers(raw["layers"], ruleset.where(stub, "layers")) if "layers" in raw else None
+    layers_pattern = (_regex(raw["layers_pattern"], ruleset.where(stub, "layers_pattern"), "layers_pattern")
+                      if "layers_pattern" in raw else None)
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise RuleError(f"'optional' must be true or false, got {optional!r}", where=ruleset.where(stub, "optional"))
+    if not isinstance(method, str):
+        raise RuleError(f"'method' must be a string, got {method!r}", where=ruleset.where(stub, "method"))
+    rule = Rule(name=name, match=match, suffix=suffix, layers=layers, layers_pattern=layers_pattern, action=action,
+                method=method if "method" in raw else None, params=params, optional=optional, line=line)
+    if action == "adapt":
+        # rule params override [adapter] params; a method change drops [adapter] params it does not know
+        base = ruleset.params if rule.method in (None, ruleset.method) else {}
+        _check_params(dataclasses.replace(ruleset, params=base), method, params, rule)
+    return rule
+
+
+# ---- planning -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    site: str
+    rule: str
+    method: str
+    config: Any  #: the method's frozen config for this site
+
+
+@dataclass
+class Plan:
+    adapter: str
+    decisions: list[Decision]                   #: sites to adapt, graph order
+    train: list[tuple[str, str]]                #: (module name, rule) made trainable and saved
+    counts: dict[str, int]                      #: sites decided by each rule
+    skipped: dict[str, str]                     #: site -> skip rule
+    unmatched: dict[str, list[str]]             #: optional rules that matched nothing -> closest names
+    shadowed: dict[str, list[str]]              #: rule -> earlier rules that took all its matches
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        from .methods import get_method as _gm
+        return {
+            "adapter": self.adapter,
+            "sites": [{"site": d.site, "rule": d.rule, "method": d.method,
+                       "params": _gm(d.method).config_dict(d.config)} for d in self.decisions],
+            "train": [{"module": m, "rule": r} for m, r in self.train],
+        }
+
+
+def _closest(rule: Rule, names: Sequence[str], n: int = 3) -> list[str]:
+    probe = rule.match or (rule.suffix[0] if rule.suffix else rule.name)
+    if rule.suffix:  # compare suffixes with the same number of components
+        depth = rule.suffix[0].count(".") + 1
+        tails = {".".join(x.split(".")[-depth:]): x for x in names}
+        hits = difflib.get_close_matches(rule.suffix[0], list(tails), n=n, cutoff=0.3)
+        return [tails[h] for h in hits]
+    return difflib.get_close_matches(probe.replace("\\", ""), list(names), n=n, cutoff=0.3)
+
+
+def plan(ruleset: RuleSet, sites: Sequence[Site], module_names: Sequence[str] = ()) -> Plan:
+    """Resolve rules against sites: first matching rule wins per site."""
+    site_names = [s.name for s in sites]
+    decided: dict[str, str] = {}
+    decisions, train, skipped = [], [], {}
+    counts = {r.name: 0 for r in ruleset.rules}
+    unmatched, shadowed, warnings = {}, {}, []
+    configs: dict[tuple, Any] = {}
+    for rule in ruleset.rules:
+        universe = module_names if rule.action == "train" else site_names
+        hits = [n for n in universe if rule.matches(n)]
+        if rule.action == "train":
+            train.extend((n, rule.name) for n in hits)
+            counts[rule.name] = len(hits)
+        else:
+            fresh = [n for n in hits if n not in decided]
+            counts[rule.name] = len(fresh)
+            if hits and not fresh:
+                shadowed[rule.name] = sorted({decided[n] for n in hits})
+            for n in fresh:
+                decided[n] = rule.name
+                if rule.action == "skip":
+                    skipped[n] = rule.name
+        if not hits:
+            close = _closest(rule, universe)
+            if not rule.optional:
+                hint = f"closest names: {', '.join(close)}" if close else "the model has no such module"
+                raise RuleError("rule matched no module", where=ruleset.where(rule),
+                                fix=f"{hint}; fix the pattern or mark the rule optional = true")
+            unmatched[rule.name] = close
+    for name, rules in shadowed.items():
+        warnings.append(f"rule '{name}' is shadowed: every module it matches was already taken by {', '.join(rules)}")
+    by_rule = {r.name: r for r in ruleset.rules}
+    for site in sites:
+        rule = by_rule.get(decided.get(site.name, ""))
+        if rule is None or rule.action != "adapt":
+            continue
+        method = rule.method or ruleset.method
+        base = ruleset.params if rule.method in (None, ruleset.method) else {}
+        key = (rule.name, method)
+        if key not in configs:
+            try:
+                configs[key] = get_method(method).make_config({**base, **rule.params})
+            except ConfigError as exc:
+                raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
+        decisions.append(Decision(site=site.name, rule=rule.name, method=method, config=configs[key]))
+    if not decisions:
+        raise RuleError("the rules select no site to adapt", where=ruleset.source or "<rules>",
+                        fix="check that at least one adapt rule matches the model (rewriter explain shows names)")
+    return Plan(adapter=ruleset.adapter, decisions=decisions, train=train, counts=counts, skipped=skipped,
+                unmatched=unmatched, shadowed=shadowed, warnings=warnings)
+
+
+def format_plan(p: Plan, sites: Sequence[Site] | None = None) -> str:
+    """The explain table: site -> rule -> method -> parameters, then per-rule counts."""
+    from .methods import get_method as _gm
+    rows = []
+    for d in p.decisions:
+        spec = _gm(d.method)
+        defaults = spec.config_cls()  if _has_defaults(spec.config_cls) else None
+        shown = {k: v for k, v in dataclasses.asdict(d.config).items()
+                 if defaults is None or getattr(defaults, k) != v}
+        params = ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
+        rows.append((d.site, d.rule, d.method, params))
+    for site, rule in p.skipped.items():
+        rows.append((site, rule, "skip", ""))
+    for module, rule in p.train:
+        rows.append((module, rule, "train", "whole module trainable, saved with the adapter"))
+    head = ("site", "rule", "method", "parameters")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:3]) + "  {}"
+    out = [f"adapter '{p.adapter}': {len(p.decisions)} site(s) adapted", fmt.format(*head),
+           fmt.format(*("-" * w for w in widths[:3]), "-" * 10)]
+    out += [fmt.format(*r) for r in rows]
+    out.append("")
+    out.append("rule counts: " + ", ".join(f"{k}={v}" for k, v in p.counts.items()))
+    for rule, close in p.unmatched.items():
+        out.append(f"optional rule '{rule}' matched nothing" + (f"; closest: {', '.join(close)}" if close else ""))
+    out += [f"warning: {w}" for w in p.warnings]
+    return "\n".join(out)
+
+
+def _has_defaults(cls) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
