@@ -116,29 +116,47 @@ class Adapted(nn.Module):
         The first adapter becomes active; later ones only with ``activate=True`` or ``set_adapter``."""
         ruleset = coerce_rules(rules)
         name = adapter_name or ruleset.adapter
-        if name in self.adapters:
-            raise RewriterError(f"adapter '{name}' already exists on this model",
-                                fix="pick another adapter name, or delete_adapter() it first")
-        if not name.isidentifier():
-            raise RewriterError(f"adapter name {name!r} must be an identifier (letters, digits, _)")
+        self._check_new_name(name)
         p = plan(ruleset, list(self.sites.values()), self._module_names())
         p.adapter = name
         for w in p.warnings:
             warnings.warn(w, stacklevel=2)
+        return self.install(name, p, ruleset, self.build_modules(p), activate=activate)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise RewriterError(f"adapter name {name!r} must be an identifier (letters, digits, _)")
+        if name in self.adapters:
+            raise RewriterError(f"adapter '{name}' already exists on this model",
+                                fix="pick another adapter name, or delete_adapter() it first")
+
+    def build_modules(self, p: Plan, *, device: torch.device | str | None = None) -> dict[str, AdapterModule]:
+        """Fresh adapter modules for a plan, on the weights' device (or ``device``, e.g. "meta")."""
         modules = {}
         for d in p.decisions:
             site = self.sites[d.site]
             weight = self.gm.get_parameter(site.weight)
-            module = get_method(d.method).module_cls(site, d.config)
-            modules[d.site] = module.to(device=weight.device, dtype=adapter_dtype_for(weight.dtype))
+            with torch.device(device or "cpu"):
+                module = get_method(d.method).module_cls(site, d.config)
+            modules[d.site] = module.to(device=device or weight.device, dtype=adapter_dtype_for(weight.dtype))
+        return modules
+
+    def install(self, name: str, p: Plan, ruleset: RuleSet | None, modules: dict[str, AdapterModule], *,
+                activate: bool | None = None, method: str | None = None) -> AdapterRecord:
+        """Register ready adapter modules (built by :meth:`build_modules`) under ``name``."""
+        self._check_new_name(name)
+        missing = [d.site for d in p.decisions if d.site not in self.sites]
+        if missing:
+            raise RewriterError(f"adapter '{name}' targets modules this model does not have: {missing[:5]}")
         self._container.add_module(name, nn.ModuleDict({self.sites[s].key: m for s, m in modules.items()}))
-        record = AdapterRecord(name=name, method=ruleset.method, plan=p, ruleset=ruleset, modules=modules,
+        main = method or (ruleset.method if ruleset is not None else p.decisions[0].method)
+        record = AdapterRecord(name=name, method=main, plan=p, ruleset=ruleset, modules=modules,
                                train_modules=[m for m, _ in p.train])
-        spec = get_method(ruleset.method)
+        spec = get_method(main)
         if spec.controller is not None:
-            own = {s: m for s, m in modules.items() if isinstance(m, spec.module_cls) or
-                   p.decisions[[d.site for d in p.decisions].index(s)].method == spec.name}
-            record.controller = spec.controller(own, spec.make_config(ruleset.params))
+            own = {d.site: modules[d.site] for d in p.decisions if d.method == spec.name}
+            default = ruleset.params if ruleset is not None else {}
+            record.controller = spec.controller(own, spec.make_config(default) if default else p.decisions[0].config)
         self.adapters[name] = record
         self._unfreeze_biases(record)
         if activate or (activate is None and not self._active):

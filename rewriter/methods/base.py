@@ -87,8 +87,11 @@ class MethodSpec:
     peft_keys: Mapping[str, str] = field(default_factory=dict)
     #: rule-file spellings -> config field names
     aliases: Mapping[str, str] = field(default_factory=dict)
-    #: config fields that are PEFT bookkeeping only; accepted from PEFT configs, ignored
+    #: PEFT config fields that mean nothing here (accepted from PEFT configs and rule files, dropped)
     ignored_peft_fields: frozenset = frozenset()
+    #: per-site config fields and the PEFT pattern dict that carries them,
+    #: e.g. {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
+    peft_site_fields: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
     #: optional per-adapter training controller, built as ``controller(modules, config)``
     #: with ``modules`` = {site name: AdapterModule}; it may define ``update_and_allocate(step)``
@@ -105,6 +108,8 @@ class MethodSpec:
         values: dict[str, Any] = {}
         spelled: dict[str, str] = {}
         for key, value in params.items():
+            if key in self.ignored_peft_fields:
+                continue
             name = self.aliases.get(key, key)
             if name not in fields:
                 known = sorted(fields | set(self.aliases))

@@ -100,6 +100,7 @@ SPEC = register(MethodSpec(
     module_cls=LoraModule,
     peft_type="LORA",
     peft_keys={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_B.bias": "lora_B_bias"},
+    peft_site_fields={"r": "rank_pattern", "lora_alpha": "alpha_pattern"},
     aliases={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
              "rslora": "use_rslora"},
     summary="low-rank additive update s*B@A (Hu et al. 2021)",

@@ -1,0 +1,371 @@
+"""Adapter checkpoints: rewriter's own format and PEFT's, safetensors only.
+
+rewriter format, one directory per adapter::
+
+    rewriter_adapter.json       manifest: adapter, resolved plan, rule file text, weights file name
+    adapter-<digest>.safetensors  tensors, keys ``sites/<site>/<param>`` and ``modules/<module>/<param>``
+    rules.toml                  the rule file, for people
+
+Several adapters go in one sub-directory each.  Writes are atomic: the weights go to a
+new content-named file first, then the manifest is replaced with ``os.replace`` (the
+commit point), then stale weight files are removed — a crash at any moment leaves either
+the old or the new checkpoint complete.  Loading validates everything (keys, shapes,
+dtypes, finiteness) before it touches the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from .errors import CheckpointError, RewriterError
+from .methods import get_method
+from .rules import Decision, Plan, parse_rules
+
+MANIFEST = "rewriter_adapter.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+_PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter.bin", "adapter.pt", "adapter.pth")
+
+
+# ---- atomic file writes ---------------------------------------------------------------------
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+
+
+# ---- reading tensors safely -----------------------------------------------------------------
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        for name in _PICKLE_NAMES:
+            if (path.parent / name).exists():
+                raise CheckpointError(f"found '{name}', a pickle file; rewriter never unpickles",
+                                      where=str(path.parent),
+                                      fix="convert it to safetensors in a trusted environment (safetensors.torch.save_file)")
+        raise CheckpointError("weights file is missing", where=str(path))
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                out[key] = fh.get_tensor(key)
+        return out
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"not a valid safetensors file ({type(exc).__name__}: {str(exc)[:200]})",
+                              where=str(path), fix="the file is truncated or corrupt: save the adapter again") from None
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor '{key}' has dtype {t.dtype}; adapter weights must be floating point",
+                                  where=where)
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"tensor '{key}' contains NaN or Inf", where=where,
+                                  fix="the adapter diverged or the file is corrupt; use an earlier checkpoint")
+
+
+# ---- state <-> modules ----------------------------------------------------------------------
+
+def _module_state(module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items()}
+
+
+def fill_modules(modules: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key_of, where: str) -> None:
+    """Copy ``tensors`` into ``modules`` after checking every key and shape; raise naming the
+    modules with missing, unexpected or mismatched keys, and change nothing in that case."""
+    expected = {}
+    for site, module in modules.items():
+        for param, value in _module_state(module).items():
+            expected[key_of(site, param)] = (site, param, value)
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected)
+    mismatched = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v[2].shape)}"
+                  for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(v[2].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:6])}"
+                        f"{' ...' if len(unexpected) > 6 else ''}")
+    if mismatched:
+        problems.append(f"shape mismatch: {'; '.join(mismatched[:6])}")
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model: " + " | ".join(problems), where=where,
+                              fix="load it onto the model (and rules) it was trained for")
+    with torch.no_grad():
+        for key, (site, param, value) in expected.items():
+            value.copy_(tensors[key].to(dtype=value.dtype, device=value.device))
+
+
+def _plan_from_json(data: Mapping[str, Any], where: str) -> Plan:
+    try:
+        decisions = [Decision(site=e["site"], rule=e["rule"], method=e["method"],
+                              config=get_method(e["method"]).make_config(e["params"])) for e in data["sites"]]
+        train = [(e["module"], e["rule"]) for e in data.get("train", [])]
+    except RewriterError as exc:
+        raise CheckpointError(f"invalid plan in manifest: {exc.what}", where=where, fix=exc.fix) from None
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"invalid plan in manifest: missing {exc}", where=where) from None
+    counts: dict[str, int] = {}
+    for d in decisions:
+        counts[d.rule] = counts.get(d.rule, 0) + 1
+    return Plan(adapter=data.get("adapter", "default"), decisions=decisions, train=train, counts=counts,
+                skipped={}, unmatched={}, shadowed={})
+
+
+# ---- save -----------------------------------------------------------------------------------
+
+def save_adapter(adapted, directory, adapter_names: Sequence[str] | None = None, format: str = "rewriter") -> Path:
+    """Save adapters (default: all) to ``directory``; one adapter goes in the directory itself,
+    several in one sub-directory each.  ``format`` is "rewriter" or "peft"."""
+    directory = Path(directory)
+    names = list(adapter_names) if adapter_names is not None else list(adapted.adapters)
+    if not names:
+        raise CheckpointError("there is no adapter to save")
+    for n in names:
+        adapted._require(n)
+    if format not in ("rewriter", "peft"):
+        raise CheckpointError(f"unknown checkpoint format {format!r}", fix="use 'rewriter' or 'peft'")
+    writer = _save_one_peft if format == "peft" else _save_one
+    if len(names) == 1:
+        writer(adapted, names[0], directory)
+    else:
+        for n in names:
+            writer(adapted, n, directory / n)
+    return directory
+
+
+def _train_state(adapted, record) -> dict[str, torch.Tensor]:
+    out = {}
+    for module in record.train_modules:
+        for pname, p in adapted.gm.get_submodule(module).named_parameters(recurse=False):
+            out[f"{module}.{pname}"] = p
+    return out
+
+
+def _save_one(adapted, name: str, directory: Path) -> None:
+    from . import __version__
+    record = adapted.adapters[name]
+    tensors = {f"sites/{site}/{k}": v for site, m in record.modules.items() for k, v in _module_state(m).items()}
+    tensors.update({f"modules/{k}": v for k, v in _train_state(adapted, record).items()})
+    blob = _tensor_bytes(tensors, {"format": "rewriter", "adapter": name})
+    weights = f"adapter-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
+    rules_text = record.ruleset.text if record.ruleset is not None else None
+    manifest = {"format": "rewriter", "format_version": FORMAT_VERSION, "rewriter_version": __version__,
+                "adapter": name, "method": record.method, "weights": weights,
+                "plan": record.plan.to_json(), "rules": rules_text}
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / weights, blob)
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2).encode())  # the commit point
+    if rules_text:
+        atomic_write(directory / "rules.toml", rules_text.encode())
+    for stale in directory.glob("adapter-*.safetensors"):
+        if stale.name != weights:
+            stale.unlink(missing_ok=True)
+
+
+def _save_one_peft(adapted, name: str, directory: Path) -> None:
+    from .peft_config import peft_config_for
+    record = adapted.adapters[name]
+    methods = {d.method for d in record.plan.decisions}
+    if len(methods) != 1:
+        raise CheckpointError(f"adapter '{name}' mixes methods {sorted(methods)}; a PEFT config holds one",
+                              fix="save with format='rewriter'")
+    spec = get_method(methods.pop())
+    inverse = {ours: peft for peft, ours in spec.peft_keys.items()}
+    tensors = {}
+    for site, module in record.modules.items():
+        for k, v in _module_state(module).items():
+            if k not in inverse:
+                raise CheckpointError(f"parameter '{k}' of {spec.name} has no PEFT key")
+            tensors[f"{PEFT_PREFIX}{site}.{inverse[k]}"] = v
+    tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in _train_state(adapted, record).items()})
+    source = adapted.source_model
+    base = getattr(getattr(source, "config", None), "_name_or_path", None) or None
+    config = peft_config_for(spec, [(d.site, d.config) for d in record.plan.decisions],
+                             train_modules=record.train_modules, base_model=base)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / PEFT_WEIGHTS, _tensor_bytes(tensors, {"format": "pt"}))
+    atomic_write(directory / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True).encode())
+
+
+# ---- load -----------------------------------------------------------------------------------
+
+def _adapter_dirs(directory: Path) -> list[Path]:
+    if (directory / MANIFEST).exists() or (directory / PEFT_CONFIG).exists():
+        return [directory]
+    subs = sorted(p for p in directory.iterdir() if p.is_dir() and
+                  ((p / MANIFEST).exists() or (p / PEFT_CONFIG).exists())) if directory.is_dir() else []
+    if not subs:
+        raise CheckpointError("no adapter here: expected rewriter_adapter.json or adapter_config.json",
+                              where=str(directory), fix="point at the directory save_adapter wrote")
+    return subs
+
+
+def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, activate: bool | None = None,
+                      low_cpu_mem_usage: bool = False) -> list[str]:
+    """Load every adapter found in ``directory`` onto ``adapted``; returns their names."""
+    directory = Path(directory)
+    dirs = _adapter_dirs(directory)
+    if adapter_name is not None and len(dirs) > 1:
+        raise CheckpointError(f"{len(dirs)} adapters found; adapter_name applies to one", where=str(directory))
+    names = []
+    for d in dirs:
+        loader = _load_one if (d / MANIFEST).exists() else _load_one_peft
+        name = adapter_name or (d.name if d != directory else None)
+        names.append(loader(adapted, d, name, activate, low_cpu_mem_usage))
+    return names
+
+
+def _materialise(adapted, p: Plan, low_cpu_mem_usage: bool):
+    modules = adapted.build_modules(p, device="meta" if low_cpu_mem_usage else None)
+    if low_cpu_mem_usage:  # real storage only now, right before the values are copied in
+        for site, m in modules.items():
+            w = adapted.gm.get_parameter(adapted.sites[site].weight)
+            modules[site] = m.to_empty(device=w.device)
+    return modules
+
+
+def _check_sites(adapted, p: Plan, where: str) -> None:
+    import difflib
+    missing = [d.site for d in p.decisions if d.site not in adapted.sites]
+    if missing:
+        close = difflib.get_close_matches(missing[0], list(adapted.sites), n=1)
+        raise CheckpointError(f"the model has no module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}",
+                              where=where, fix=(f"closest: '{close[0]}'; " if close else "")
+                              + "was the adapter trained on another architecture or renamed modules?")
+
+
+def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage) -> str:
+    where = str(directory / MANIFEST)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read manifest: {exc}", where=where) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "rewriter":
+        raise CheckpointError("not a rewriter manifest", where=where)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"format version {manifest.get('format_version')} is not supported", where=where,
+                              fix=f"this rewriter reads version {FORMAT_VERSION}")
+    name = adapter_name or manifest.get("adapter", "default")
+    adapted._check_new_name(name)
+    p = _plan_from_json(manifest.get("plan", {}), where)
+    p.adapter = name
+    _check_sites(adapted, p, where)
+    weights = directory / str(manifest.get("weights", ""))
+    tensors = read_tensors(weights)
+    _check_finite(tensors, str(weights))
+    site_tensors = {k: v for k, v in tensors.items() if k.startswith("sites/")}
+    train_tensors = {k[len("modules/"):]: v for k, v in tensors.items() if k.startswith("modules/")}
+    modules = _materialise(adapted, p, low_cpu_mem_usage)
+    fill_modules(modules, site_tensors, lambda site, k: f"sites/{site}/{k}", str(weights))
+    _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
+    ruleset = None
+    if manifest.get("rules"):
+        try:
+            ruleset = parse_rules(manifest["rules"], source=str(directory / "rules.toml"))
+        except RewriterError:
+            ruleset = None  # the plan is authoritative; the text is informational
+    adapted.install(name, p, ruleset, modules, activate=activate, method=manifest.get("method"))
+    _fill_train(adapted, p, train_tensors, str(weights))
+    return name
+
+
+def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: str, check_only: bool = False) -> None:
+    expected = {}
+    for module, _ in p.train:
+        try:
+            sub = adapted.gm.get_submodule(module)
+        except AttributeError:
+            raise CheckpointError(f"the model has no module '{module}' (saved with the adapter)", where=where) from None
+        for pname, param in sub.named_parameters(recurse=False):
+            expected[f"{module}.{pname}"] = param
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"saved module weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                              f"shape mismatch {bad[:4]}", where=where)
+    if not check_only:
+        with torch.no_grad():
+            for k, param in expected.items():
+                param.copy_(tensors[k].to(dtype=param.dtype, device=param.device))
+
+
+def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage) -> str:
+    from .peft_config import method_for_peft_type, read_peft_config, rules_from_peft_config
+    from .rules import plan as make_plan
+    cfg_path = directory / PEFT_CONFIG
+    cfg = read_peft_config(cfg_path)
+    name = adapter_name or "default"  # PEFT keeps "default" at the root, others in sub-directories
+    adapted._check_new_name(name)
+    spec = method_for_peft_type(cfg["peft_type"])
+    source = adapted.source_model
+    model_type = getattr(getattr(source, "config", None), "model_type", None)
+    out_emb = None
+    if source is not None and hasattr(source, "get_output_embeddings"):
+        emb = source.get_output_embeddings()
+        out_emb = next((n for n, m in source.named_modules() if m is emb), None) if emb is not None else None
+    ruleset = rules_from_peft_config(cfg, adapter_name=name, model_type=model_type, output_embedding=out_emb,
+                                     source=str(cfg_path))
+    p = make_plan(ruleset, list(adapted.sites.values()), adapted._module_names())
+    weights = directory / PEFT_WEIGHTS
+    raw = read_tensors(weights)
+    _check_finite(raw, str(weights))
+    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
+    site_keys = {f"{d.site}.{peft}" for d in p.decisions for peft in spec.peft_keys}
+    site_tensors = {k: v for k, v in tensors.items() if k in site_keys or _belongs_to_site(k, p)}
+    train_tensors = {k: v for k, v in tensors.items() if k not in site_tensors}
+    inverse = {ours: peft for peft, ours in spec.peft_keys.items()}
+    modules = _materialise(adapted, p, low_cpu_mem_usage)
+    fill_modules(modules, site_tensors, lambda site, k: f"{site}.{inverse.get(k, k)}", str(weights))
+    _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
+    adapted.install(name, p, ruleset, modules, activate=activate, method=spec.name)
+    _fill_train(adapted, p, train_tensors, str(weights))
+    return name
+
+
+def _belongs_to_site(key: str, p: Plan) -> bool:
+    return any(key.startswith(d.site + ".") for d in p.decisions)
+
+
+def load_adapter(model_or_adapted, adapter_dir, adapter_name: str | None = None, *, example_inputs=None,
+                 low_cpu_mem_usage: bool = False):
+    """Load an adapter directory (rewriter's or PEFT's format) onto a model, tracing it when
+    needed, or onto an existing ``Adapted``; returns the ``Adapted``."""
+    from .adapted import Adapted
+    from .trace import trace_model
+    adapted = model_or_adapted if isinstance(model_or_adapted, Adapted) else \
+        Adapted(trace_model(model_or_adapted, example_inputs))
+    load_adapter_into(adapted, adapter_dir, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return adapted

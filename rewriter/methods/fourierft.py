@@ -1,0 +1,114 @@
+"""FourierFT: a sparse learned 2-D spectrum whose inverse DFT is the weight update.
+
+``n_frequency`` spectral entries ``c_j`` sit at fixed locations ``(r_j, k_j)`` of an
+``[out, in]`` grid; ``ΔW = scaling * Re(ifft2(S))`` where ``S`` holds ``c`` at those
+locations and zeros elsewhere.  ``ifft2`` uses the "backward" norm, so
+``ΔW[p, q] = scaling / (out * in) * sum_j c_j cos(2π (p r_j / out + q k_j / in))``.
+
+The locations are a prefix of ``randperm(out * in)`` drawn from a CPU generator seeded
+with ``random_loc_seed``, exactly as PEFT draws them: checkpoints store only the
+spectrum, and every layer of one shape shares the same locations.  The FFT always runs
+in float32 (it does not support bf16/fp16).  Additive: ``y = W x + b + ΔW x`` and
+``fold: W <- W + ΔW``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_number, register, round_like_base
+
+#: the seed range ``torch.Generator.manual_seed`` accepts
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+@dataclass(frozen=True)
+class FourierFTConfig:
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: int = 777
+    init_weights: bool = False    # PEFT's default: a random (non-zero) spectrum; True gives zeros
+    bias: str = "none"
+    fan_in_fan_out: bool = False  # accepted for PEFT configs; the layout is read from the graph
+
+    def __post_init__(self):
+        check_int("n_frequency", self.n_frequency, minimum=1)
+        check_number("scaling", self.scaling)
+        check_int("random_loc_seed", self.random_loc_seed)
+        low, high = _SEED_RANGE
+        if not low <= self.random_loc_seed <= high:
+            raise ConfigError(f"'random_loc_seed' must be in [{low}, {high}], got {self.random_loc_seed}",
+                              field="random_loc_seed")
+        check_bool("init_weights", self.init_weights)
+        check_choice("bias", self.bias, ["none", "all", "fourier_only"])
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+
+
+@functools.lru_cache(maxsize=8)
+def _spectral_locations(numel: int, n_frequency: int, seed: int) -> torch.Tensor:
+    """Flat indices (``row * in + col``) of the learned entries; cached because every
+    layer of one shape draws the same permutation, which is slow for large layers."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(numel, generator=generator)[:n_frequency]
+
+
+class FourierFTModule(AdapterModule):
+    additive = True
+
+    def __init__(self, site, config: FourierFTConfig):
+        super().__init__(site, config)
+        numel = site.in_features * site.out_features
+        if config.n_frequency > numel:
+            raise ConfigError(
+                f"{site.name}: n_frequency={config.n_frequency} exceeds the {numel} entries of the "
+                f"[out={site.out_features}, in={site.in_features}] weight",
+                field="n_frequency", fix=f"use n_frequency <= {numel} for this layer")
+        self.scaling = config.scaling
+        # recomputed from the seed, never saved (PEFT does not save it either)
+        self.register_buffer("indices", _spectral_locations(numel, config.n_frequency, config.random_loc_seed).clone(),
+                             persistent=False)
+        self.fourierft_spectrum = nn.Parameter(torch.zeros(config.n_frequency))
+        self.reset_parameters(site.dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self, base_dtype: torch.dtype = torch.float32) -> None:
+        if self.config.init_weights:
+            self.fourierft_spectrum.zero_()
+        else:
+            self.fourierft_spectrum.normal_()
+        self.fourierft_spectrum.copy_(round_like_base(self.fourierft_spectrum, base_dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW [out, in]`` in the adapter dtype, from a float32 inverse FFT."""
+        spectrum = self.fourierft_spectrum
+        # scaling goes on the n spectral entries rather than on the dense result
+        values = spectrum.float() * self.scaling
+        dense = torch.zeros(self.out_features * self.in_features, dtype=torch.float32, device=spectrum.device)
+        dense = dense.index_put((self.indices,), values).view(self.out_features, self.in_features)
+        return torch.fft.ifft2(dense).real.to(spectrum.dtype)
+
+    def post(self, x, y, bias):
+        delta = self.delta_weight()
+        return y + F.linear(x.to(delta.dtype), delta)
+
+    def fold(self, weight, bias):
+        return weight + self.delta_weight().float(), bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, n_frequency={self.config.n_frequency}, scaling={self.scaling}"
+
+
+SPEC = register(MethodSpec(
+    name="fourierft",
+    config_cls=FourierFTConfig,
+    module_cls=FourierFTModule,
+    peft_type="FOURIERFT",
+    peft_keys={"fourierft_spectrum": "fourierft_spectrum"},
+    aliases={"n": "n_frequency", "seed": "random_loc_seed", "init": "init_weights"},
+    summary="sparse learned 2-D spectrum, ΔW = scaling * Re(ifft2(S)) (Gao et al. 2024)",
+))
