@@ -18,7 +18,7 @@ def __getattr__(name):  # heavier pieces load on first use
         from . import checkpoint
         return getattr(checkpoint, name)
     if name == "export":
-        from .export import export
+        from .exporter import export
         return export
     if name == "check_merge":
         from .check import check_merge

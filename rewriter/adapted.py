@@ -463,7 +463,7 @@ class Adapted(nn.Module):
         return load_adapter_into(self, directory, adapter_name=adapter_name, activate=activate)
 
     def code(self) -> str:
-        from .export import graph_code
+        from .exporter import graph_code
         return graph_code(self)
 
     def extra_repr(self) -> str:

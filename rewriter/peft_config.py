@@ -183,7 +183,6 @@ def peft_config_for(spec: MethodSpec, configs: Sequence[tuple[str, Any]], *, tra
     """PEFT config for sites ``[(site, config), ...]`` of one method.  Fields that vary across
     sites go into PEFT's pattern dicts (exact-name keys); anything else that varies is refused."""
     import dataclasses
-    from . import __version__
     if spec.peft_type is None:
         raise CheckpointError(f"method '{spec.name}' has no PEFT equivalent", fix="save with format='rewriter'")
     dicts = [dataclasses.asdict(c) for _, c in configs]

@@ -4,13 +4,14 @@
 singular vectors), ``E [r, 1]`` (singular values), ``B [out, r]`` (left singular vectors).
 ``s = lora_alpha`` (``r`` if ``lora_alpha <= 0``) is not divided by r: ``ranknum`` does that.
 It stays ``init_r`` while ranks are masked or pruned, so the scaling never changes.  It is
-a fixed value (a non-persistent buffer), never trained or saved, as in PEFT.
+a plain number, never trained or saved, as in PEFT (and so it survives meta-device init).
 
 :class:`RankAllocator` trains the budget: it scores every triplet ``(A_k, E_k, B_k)`` from
 EMAs of ``|p * grad|`` and zeroes the ``E`` entries of the least important ones, following
 a cubic schedule from ``init_r`` per site down to ``target_r`` per site on average.
-Fold: ``W <- W + dW``.  Checkpoints drop the masked ranks (:func:`prune_state`,
-:meth:`AdaLoraModule.load_pruned_state`).
+Fold: ``W <- W + dW``.  PEFT checkpoints drop the masked ranks and list the kept ones in
+``rank_pattern``: :func:`peft_state` / :func:`prune_state` write them,
+:meth:`AdaLoraModule.load_pruned_state` reads them.
 """
 from __future__ import annotations
 
@@ -106,8 +107,15 @@ class AdaLoraModule(AdapterModule):
         self.lora_E = nn.Parameter(torch.randn(r, 1))
         self.lora_B = nn.Parameter(torch.randn(site.out_features, r))
         torch.randn(1)
-        self.register_buffer("ranknum", round_like_base(torch.full((1,), float(r)), site.dtype), persistent=False)
+        # PEFT keeps ranknum as a tensor in the adapter dtype, rounded through the base dtype,
+        # and adds 1e-5 to it in that dtype: the same roundings here
+        dtype = torch.float64 if site.dtype == torch.float64 else torch.float32
+        ranknum = round_like_base(torch.tensor(float(r), dtype=dtype, device="cpu"), site.dtype)
+        self.ranknum = ranknum.item()
+        self._rank_divisor = (ranknum + 1e-5).item()
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        #: which of the init_r ranks this module still holds, after loading a pruned checkpoint
+        self.rank_mask: list[bool] | None = None
         with torch.no_grad():
             if config.init_lora_weights:
                 self.reset_parameters()
@@ -128,43 +136,48 @@ class AdaLoraModule(AdapterModule):
 
     @property
     def scaling(self) -> float:
+        # with lora_alpha <= 0 PEFT uses the layer's rank, which is the pruned one after a reload
         alpha = self.config.lora_alpha
         return alpha if alpha > 0 else float(self.r)
 
     def post(self, x, y, bias):
         x = x.to(self.lora_A.dtype)
         # scale the r-wide hidden state rather than the output: the cheapest place
-        singular = self.lora_E.view(-1) * (self.scaling / (self.ranknum + 1e-5))
+        singular = self.lora_E.view(-1) * (self.scaling / self._rank_divisor)
         return y + F.linear(F.linear(self.dropout(x), self.lora_A) * singular, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / self._rank_divisor
 
     def fold(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
 
     @torch.no_grad()
-    def load_pruned_state(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_pruned_state(self, state: Mapping[str, torch.Tensor], mask: Sequence[bool]) -> None:
         """Load ``{"lora_A", "lora_E", "lora_B"}`` saved with pruned ranks (PEFT's checkpoints with a
-        ``rank_pattern``): the parameters are resized to the saved rank, 0 included.  ``ranknum``
-        keeps ``init_r``, so the adapter computes what it computed before pruning.  The parameter
-        objects are kept (resized in place), so optimizers and hooks holding them stay attached."""
+        ``rank_pattern``; ``mask`` is this site's entry, over the ``init_r`` ranks).  The parameters
+        are resized to the kept rank, 0 included; ``ranknum`` keeps ``init_r``, so the adapter
+        computes what it computed before pruning.  The parameter objects are kept (resized in
+        place), so optimizers and hooks holding them stay attached."""
         missing = {"lora_A", "lora_E", "lora_B"} - set(state)
         if missing:
             raise CheckpointError(f"pruned AdaLoRA state lacks {sorted(missing)}", where=self.site_name)
-        rank = state["lora_A"].shape[0]
+        mask = [bool(keep) for keep in mask]
+        if len(mask) != self.config.init_r:
+            raise CheckpointError(f"rank_pattern entry has {len(mask)} values, expected init_r={self.config.init_r}",
+                                  where=self.site_name)
+        rank = sum(mask)
         expected = {"lora_A": (rank, self.in_features), "lora_E": (rank, 1), "lora_B": (self.out_features, rank)}
         for name, shape in expected.items():
             if tuple(state[name].shape) != shape:
                 raise CheckpointError(
-                    f"'{name}' has shape {tuple(state[name].shape)}, expected {shape} for a rank-{rank} adapter "
-                    f"on a {self.in_features} -> {self.out_features} layer", where=self.site_name)
-        if rank > self.config.init_r:
-            raise CheckpointError(f"saved rank {rank} exceeds init_r={self.config.init_r}", where=self.site_name)
+                    f"'{name}' has shape {tuple(state[name].shape)}, expected {shape} for the {rank} ranks that "
+                    f"rank_pattern keeps on a {self.in_features} -> {self.out_features} layer", where=self.site_name)
         for name in expected:
             param = getattr(self, name)
             param.data = state[name].to(device=param.device, dtype=param.dtype).clone()
             param.grad = None
+        self.rank_mask = mask
 
 
 def prune_state(module: AdaLoraModule, mask: Sequence[bool] | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,6 +189,22 @@ def prune_state(module: AdaLoraModule, mask: Sequence[bool] | torch.Tensor) -> d
                               where=module.site_name)
     return {"lora_A": module.lora_A.detach()[keep], "lora_E": module.lora_E.detach()[keep],
             "lora_B": module.lora_B.detach()[:, keep]}
+
+
+def peft_state(module: AdaLoraModule, mask: Sequence[bool] | None = None):
+    """``(tensors, rank_pattern entry)`` that PEFT saves for this site: the tensors without the
+    ranks ``mask`` (the allocator's, over the current ranks) drops, and the mask over the
+    ``init_r`` ranks that PEFT's loader needs, which also covers ranks pruned by an earlier
+    load.  The entry is None when no rank was ever masked."""
+    if mask is None:
+        tensors = {name: getattr(module, name).detach() for name in ("lora_A", "lora_E", "lora_B")}
+        return tensors, module.rank_mask
+    tensors = prune_state(module, mask)
+    kept_now = [bool(keep) for keep in torch.as_tensor(mask).view(-1).tolist()]
+    if module.rank_mask is None:
+        return tensors, kept_now
+    current = iter(kept_now)  # one value per rank the module still holds
+    return tensors, [next(current) if present else False for present in module.rank_mask]
 
 
 class RankAllocator:

@@ -130,6 +130,7 @@ SPEC = register(MethodSpec(
     module_cls=LoHaModule,
     peft_type="LOHA",
     peft_keys={name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+    peft_site_fields={"r": "rank_pattern", "alpha": "alpha_pattern"},
     aliases={"init": "init_weights"},
     summary="low-rank Hadamard product update (w1_a@w1_b)*(w2_a@w2_b)*alpha/r (Hyeon-Woo et al. 2022)",
 ))

@@ -112,7 +112,7 @@ class LoKrModule(AdapterModule):
         init = self.config.init_weights
         # which tensor starts at zero so that ΔW = 0 (init True: W1's, "lycoris": W2's)
         zero = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b"), False: ()}[init]
-        for name, p in self.named_parameters():  # PEFT's draw order: w1 (a, b), then w2 (a, b)
+        for name, p in self.named_parameters():  # PEFT's draw order: w1 (or w1_a, w1_b), then w2 likewise
             if name in zero:
                 p.zero_()
             else:
@@ -168,6 +168,7 @@ SPEC = register(MethodSpec(
     module_cls=LoKrModule,
     peft_type="LOKR",
     peft_keys={name: name for name in _LINEAR_KEYS},
+    peft_site_fields={"r": "rank_pattern", "alpha": "alpha_pattern"},
     aliases={"init": "init_weights", "factor": "decompose_factor"},
     summary="Kronecker-product update kron(W1, W2)*alpha/r (Edalati et al. 2022, LyCORIS)",
 ))
