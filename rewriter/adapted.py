@@ -491,6 +491,8 @@ def apply(model_or_graph, rules, *, example_inputs=None, adapter_name: str | Non
     if isinstance(model_or_graph, Adapted):
         model_or_graph.add_adapter(rules, adapter_name)
         return model_or_graph
-    adapted = Adapted(trace_model(model_or_graph, example_inputs, dynamic=dynamic))
+    traced = model_or_graph if isinstance(model_or_graph, Traced) else \
+        trace_model(model_or_graph, example_inputs, dynamic=dynamic)
+    adapted = Adapted(traced)
     adapted.add_adapter(rules, adapter_name)
     return adapted

@@ -88,6 +88,8 @@ def rules_from_peft_config(config: Mapping[str, Any], *, adapter_name: str = "de
     pattern = cfg.get("layers_pattern")
     if isinstance(pattern, list):
         pattern = "(?:" + "|".join(pattern) + ")" if pattern else None
+    if not pattern:  # PEFT's default: the first index after at least two name components
+        pattern = r".*?\.[^.]*"
     base_criteria: list[dict] = []
     if isinstance(targets, str):
         base_criteria.append({"match": targets})
@@ -95,8 +97,7 @@ def rules_from_peft_config(config: Mapping[str, Any], *, adapter_name: str = "de
         targets = list(targets)
         if layers:  # exact names skip PEFT's layer filter; suffix matches go through it
             base_criteria.append({"match": "|".join(f"(?:{re.escape(t)})" for t in targets)})
-            base_criteria.append({"suffix": targets, "layers": list(layers),
-                                  **({"layers_pattern": pattern} if pattern else {})})
+            base_criteria.append({"suffix": targets, "layers": list(layers), "layers_pattern": pattern})
         else:
             base_criteria.append({"suffix": targets})
     # per-site values: each axis is (field, [(regex, value), ...]) in PEFT's dict order

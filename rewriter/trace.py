@@ -32,6 +32,17 @@ class Traced:
     source: nn.Module | None = None
     seconds: float = 0.0
 
+    def clone(self) -> "Traced":
+        """A new GraphModule over the same parameters, so one trace can take several rule sets
+        (each ``Adapted`` adds its own submodules and rewrites its own graph)."""
+        from .graph import copy_graph
+        gm = fx.GraphModule(self.gm, copy_graph(self.gm.graph))
+        for attr in ("_in_spec", "_out_spec"):
+            if hasattr(self.gm, attr):
+                setattr(gm, attr, getattr(self.gm, attr))
+        return Traced(gm=gm, example_inputs=dict(self.example_inputs), static_kwargs=dict(self.static_kwargs),
+                      positional=self.positional, source=self.source, seconds=0.0)
+
 
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "model_type")
