@@ -148,6 +148,8 @@ class Adapted(nn.Module):
         missing = [d.site for d in p.decisions if d.site not in self.sites]
         if missing:
             raise RewriterError(f"adapter '{name}' targets modules this model does not have: {missing[:5]}")
+        for module in modules.values():
+            module.train(self.training)  # new modules follow the model's mode (dropout off in eval)
         self._container.add_module(name, nn.ModuleDict({self.sites[s].key: m for s, m in modules.items()}))
         main = method or (ruleset.method if ruleset is not None else p.decisions[0].method)
         record = AdapterRecord(name=name, method=main, plan=p, ruleset=ruleset, modules=modules,

@@ -253,6 +253,7 @@ def _materialise(adapted, p: Plan, low_cpu_mem_usage: bool):
         for site, m in modules.items():
             w = adapted.gm.get_parameter(adapted.sites[site].weight)
             modules[site] = m.to_empty(device=w.device)
+            modules[site].init_buffers()
     return modules
 
 

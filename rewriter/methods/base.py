@@ -67,6 +67,10 @@ class AdapterModule(nn.Module):
         """Return ``(W', b')`` in float32 for float32 ``weight [out, in]`` and ``bias [out]``."""
         raise NotImplementedError
 
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers (index tables and the like).  Called after the module
+        was materialised from the meta device (``low_cpu_mem_usage`` loads)."""
+
     @property
     def adapter_dtype(self) -> torch.dtype:
         for p in self.parameters():

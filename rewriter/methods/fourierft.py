@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_number, register, round_like_base
+from .base import (AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_number, register,
+                   round_like_base)
 
 #: the seed range ``torch.Generator.manual_seed`` accepts
 _SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -54,7 +55,9 @@ def _spectral_locations(numel: int, n_frequency: int, seed: int) -> torch.Tensor
     """Flat indices (``row * in + col``) of the learned entries; cached because every
     layer of one shape draws the same permutation, which is slow for large layers."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(numel, generator=generator)[:n_frequency]
+    # explicit device: modules may be built under a ``torch.device("meta")`` context;
+    # clone: the cache must not keep the whole permutation alive
+    return torch.randperm(numel, generator=generator, device="cpu")[:n_frequency].clone()
 
 
 class FourierFTModule(AdapterModule):
@@ -69,11 +72,22 @@ class FourierFTModule(AdapterModule):
                 f"[out={site.out_features}, in={site.in_features}] weight",
                 field="n_frequency", fix=f"use n_frequency <= {numel} for this layer")
         self.scaling = config.scaling
-        # recomputed from the seed, never saved (PEFT does not save it either)
-        self.register_buffer("indices", _spectral_locations(numel, config.n_frequency, config.random_loc_seed).clone(),
-                             persistent=False)
+        # derived from the seed, never saved (PEFT does not save it either)
+        self.register_buffer("indices", self._locations(), persistent=False)
         self.fourierft_spectrum = nn.Parameter(torch.zeros(config.n_frequency))
         self.reset_parameters(site.dtype)
+
+    def _locations(self) -> torch.Tensor:
+        numel = self.in_features * self.out_features
+        # a copy: the cached tensor is shared by every layer of this shape
+        return _spectral_locations(numel, self.config.n_frequency, self.config.random_loc_seed).clone()
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """Storage without values (loading onto meta-built modules) would lose the locations:
+        draw them again."""
+        super().to_empty(device=device, recurse=recurse)
+        self.indices = self._locations().to(device)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self, base_dtype: torch.dtype = torch.float32) -> None:
@@ -86,11 +100,10 @@ class FourierFTModule(AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         """``ΔW [out, in]`` in the adapter dtype, from a float32 inverse FFT."""
         spectrum = self.fourierft_spectrum
-        # scaling goes on the n spectral entries rather than on the dense result
-        values = spectrum.float() * self.scaling
         dense = torch.zeros(self.out_features * self.in_features, dtype=torch.float32, device=spectrum.device)
-        dense = dense.index_put((self.indices,), values).view(self.out_features, self.in_features)
-        return torch.fft.ifft2(dense).real.to(spectrum.dtype)
+        dense = dense.index_put((self.indices,), spectrum.float()).view(self.out_features, self.in_features)
+        # scaled after the FFT as PEFT does (bit-identical ΔW); this also makes the strided real part contiguous
+        return (torch.fft.ifft2(dense).real * self.scaling).to(spectrum.dtype)
 
     def post(self, x, y, bias):
         delta = self.delta_weight()
