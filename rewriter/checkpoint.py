@@ -176,14 +176,19 @@ def _train_state(adapted, record) -> dict[str, torch.Tensor]:
 def _save_one(adapted, name: str, directory: Path) -> None:
     from . import __version__
     record = adapted.adapters[name]
-    tensors = {f"sites/{site}/{k}": v for site, m in record.modules.items() for k, v in _module_state(m).items()}
+    tensors, extras = {}, {}
+    for site, module in record.modules.items():
+        state, extra = _site_state(record, site, module)
+        tensors.update({f"sites/{site}/{k}": v for k, v in state.items()})
+        if extra is not None:
+            extras[site] = extra
     tensors.update({f"modules/{k}": v for k, v in _train_state(adapted, record).items()})
     blob = _tensor_bytes(tensors, {"format": "rewriter", "adapter": name})
     weights = f"adapter-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
     rules_text = record.ruleset.text if record.ruleset is not None else None
     manifest = {"format": "rewriter", "format_version": FORMAT_VERSION, "rewriter_version": __version__,
                 "adapter": name, "method": record.method, "weights": weights,
-                "plan": record.plan.to_json(), "rules": rules_text}
+                "plan": record.plan.to_json(), "rules": rules_text, "site_extra": extras}
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / weights, blob)
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2).encode())  # the commit point
@@ -192,6 +197,30 @@ def _save_one(adapted, name: str, directory: Path) -> None:
     for stale in directory.glob("adapter-*.safetensors"):
         if stale.name != weights:
             stale.unlink(missing_ok=True)
+
+
+def _hooks(record, site: str):
+    return get_method(record.decision(site).method).checkpoint_hooks
+
+
+def _site_state(record, site: str, module):
+    """What a site saves: the module's state, or what its method's checkpoint hooks say."""
+    hooks = _hooks(record, site)
+    if hooks is None:
+        return _module_state(module), None
+    return hooks.save(module, record.controller, site)
+
+
+def _fill(modules, plan: Plan, tensors, key_of, extras: Mapping[str, Any], where: str) -> None:
+    """fill_modules for plain sites; sites with extra checkpoint data go through their hooks."""
+    special = {d.site: get_method(d.method).checkpoint_hooks for d in plan.decisions if d.site in extras}
+    plain = {s: m for s, m in modules.items() if s not in special}
+    names = {s: set(_module_state(m)) for s, m in modules.items() if s in special}
+    hooked_keys = {key_of(s, k): (s, k) for s in special for k in names[s]}
+    fill_modules(plain, {k: v for k, v in tensors.items() if k not in hooked_keys}, key_of, where)
+    for site, hooks in special.items():
+        own = {k: tensors[key_of(site, k)] for k in names[site] if key_of(site, k) in tensors}
+        hooks.load(modules[site], own, extras[site])
 
 
 def _save_one_peft(adapted, name: str, directory: Path) -> None:
@@ -203,17 +232,22 @@ def _save_one_peft(adapted, name: str, directory: Path) -> None:
                               fix="save with format='rewriter'")
     spec = get_method(methods.pop())
     inverse = {ours: peft for peft, ours in spec.peft_keys.items()}
-    tensors = {}
+    tensors, extras = {}, {}
     for site, module in record.modules.items():
-        for k, v in _module_state(module).items():
+        state, extra = _site_state(record, site, module)
+        for k, v in state.items():
             if k not in inverse:
                 raise CheckpointError(f"parameter '{k}' of {spec.name} has no PEFT key")
             tensors[f"{PEFT_PREFIX}{site}.{inverse[k]}"] = v
+        if extra is not None:
+            extras[spec.checkpoint_hooks.peft_key(site)] = extra
     tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in _train_state(adapted, record).items()})
     source = adapted.source_model
     base = getattr(getattr(source, "config", None), "_name_or_path", None) or None
     config = peft_config_for(spec, [(d.site, d.config) for d in record.plan.decisions],
                              train_modules=record.train_modules, base_model=base)
+    if spec.checkpoint_hooks is not None:
+        config[spec.checkpoint_hooks.peft_field] = extras or None
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / PEFT_WEIGHTS, _tensor_bytes(tensors, {"format": "pt"}))
     atomic_write(directory / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True).encode())
@@ -289,7 +323,8 @@ def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usag
     site_tensors = {k: v for k, v in tensors.items() if k.startswith("sites/")}
     train_tensors = {k[len("modules/"):]: v for k, v in tensors.items() if k.startswith("modules/")}
     modules = _materialise(adapted, p, low_cpu_mem_usage)
-    fill_modules(modules, site_tensors, lambda site, k: f"sites/{site}/{k}", str(weights))
+    extras = manifest.get("site_extra") or {}
+    _fill(modules, p, site_tensors, lambda site, k: f"sites/{site}/{k}", extras, str(weights))
     _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
     ruleset = None
     if manifest.get("rules"):
@@ -331,6 +366,12 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
     name = adapter_name or "default"  # PEFT keeps "default" at the root, others in sub-directories
     adapted._check_new_name(name)
     spec = method_for_peft_type(cfg["peft_type"])
+    weights = directory / PEFT_WEIGHTS
+    raw = read_tensors(weights)
+    _check_finite(raw, str(weights))
+    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
+    if spec.peft_config_fixup is not None:
+        cfg = spec.peft_config_fixup(cfg, tensors)
     source = adapted.source_model
     model_type = getattr(getattr(source, "config", None), "model_type", None)
     out_emb = None
@@ -340,16 +381,21 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
     ruleset = rules_from_peft_config(cfg, adapter_name=name, model_type=model_type, output_embedding=out_emb,
                                      source=str(cfg_path))
     p = make_plan(ruleset, list(adapted.sites.values()), adapted._module_names())
-    weights = directory / PEFT_WEIGHTS
-    raw = read_tensors(weights)
-    _check_finite(raw, str(weights))
-    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
     site_keys = {f"{d.site}.{peft}" for d in p.decisions for peft in spec.peft_keys}
     site_tensors = {k: v for k, v in tensors.items() if k in site_keys or _belongs_to_site(k, p)}
     train_tensors = {k: v for k, v in tensors.items() if k not in site_tensors}
     inverse = {ours: peft for peft, ours in spec.peft_keys.items()}
     modules = _materialise(adapted, p, low_cpu_mem_usage)
-    fill_modules(modules, site_tensors, lambda site, k: f"{site}.{inverse.get(k, k)}", str(weights))
+    extras = {}
+    hooks = spec.checkpoint_hooks
+    if hooks is not None and cfg.get(hooks.peft_field):
+        by_key = {}
+        for key, value in cfg[hooks.peft_field].items():
+            if key.endswith(f".{name}") or key.endswith(".default"):
+                key = key.rsplit(".", 1)[0]  # some PEFT versions keep the adapter name in the key
+            by_key[key] = value
+        extras = {d.site: by_key[hooks.peft_key(d.site)] for d in p.decisions if hooks.peft_key(d.site) in by_key}
+    _fill(modules, p, site_tensors, lambda site, k: f"{site}.{inverse.get(k, k)}", extras, str(weights))
     _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
     adapted.install(name, p, ruleset, modules, activate=activate, method=spec.name)
     _fill_train(adapted, p, train_tensors, str(weights))

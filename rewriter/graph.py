@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .methods.base import AdapterModule
 from .sites import Site, site_operands
 
 ADAPTERS_ATTR = "rewriter_adapters"
@@ -38,6 +39,7 @@ class _Ops:
     def post(self, entry, x, y, bias): ...
     def base(self, x): ...
     def cast(self, y, dtype): ...
+    def fold_bias(self, entry, bias): ...
 
 
 def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtype | None):
@@ -55,6 +57,8 @@ def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtyp
     for k, entry in enumerate(stack):
         if entry.module.has_post:
             y = ops.post(entry, xs[k + 1], y, bias)
+        if any(e.module.reads_bias for e in stack[k + 1:]):  # hand the bias on as this level leaves it
+            bias = ops.fold_bias(entry, bias)
     if out_dtype is not None and any(e.module.adapter_dtype != out_dtype for e in stack):
         y = ops.cast(y, out_dtype)
     return y
@@ -74,6 +78,9 @@ class _EagerOps(_Ops):
 
     def cast(self, y, dtype):
         return y.to(dtype)
+
+    def fold_bias(self, entry, bias):
+        return entry.module.fold_bias(bias)
 
 
 def run_site(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modules: Sequence,
@@ -144,6 +151,11 @@ class _GraphOps(_Ops):
 
     def cast(self, y, dtype):
         return self._after("call_method", "to", (y, dtype))
+
+    def fold_bias(self, entry, bias):
+        if type(entry.module).fold_bias is AdapterModule.fold_bias:
+            return bias  # unchanged: no node needed
+        return self._stamp(self._after("call_module", entry.target, (bias,), {"stage": "bias"}), entry)
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -365,6 +365,25 @@ class RankAllocator:
             "not allocated as configured", stacklevel=2)
 
 
+class PrunedCheckpoint:
+    """Checkpoint hooks: AdaLoRA saves only the ranks its allocator kept, as PEFT does, with the
+    mask per site in PEFT's ``rank_pattern`` (key ``<site>.lora_E``)."""
+    peft_field = "rank_pattern"
+
+    @staticmethod
+    def peft_key(site: str) -> str:
+        return f"{site}.lora_E"
+
+    @staticmethod
+    def save(module: AdaLoraModule, controller, site: str):
+        mask = controller.rank_pattern().get(site) if controller is not None else None
+        return peft_state(module, mask)
+
+    @staticmethod
+    def load(module: AdaLoraModule, tensors: Mapping[str, torch.Tensor], mask) -> None:
+        module.load_pruned_state(tensors, mask)
+
+
 SPEC = register(MethodSpec(
     name="adalora",
     config_cls=AdaLoraConfig,
@@ -375,4 +394,5 @@ SPEC = register(MethodSpec(
     ignored_peft_fields=_UNUSED_LORA_FIELDS,
     summary="LoRA in SVD form with an importance-driven rank budget (Zhang et al. 2023)",
     controller=RankAllocator,
+    checkpoint_hooks=PrunedCheckpoint,
 ))

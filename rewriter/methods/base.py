@@ -40,6 +40,8 @@ class AdapterModule(nn.Module):
     #: ``post`` also needs the site's current weight (``[out, in]`` layout), passed as
     #: ``weight=``; such an adapter must be the lowest unmerged adapter on its site
     needs_weight: ClassVar[bool] = False
+    #: ``post`` uses ``bias``: it then gets the bias as the levels below left it (see ``fold_bias``)
+    reads_bias: ClassVar[bool] = False
     #: why this method cannot be folded into the weight (None: it can)
     not_mergeable: ClassVar[str | None] = None
 
@@ -53,6 +55,8 @@ class AdapterModule(nn.Module):
     def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None):
         if stage == "pre":
             return self.pre(x)
+        if stage == "bias":
+            return self.fold_bias(x)
         if self.needs_weight:
             return self.post(x, y, bias, weight=weight)
         return self.post(x, y, bias)
@@ -62,6 +66,11 @@ class AdapterModule(nn.Module):
 
     def post(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y
+
+    def fold_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias part of ``fold`` (identity unless the method changes the bias); used to hand
+        ``reads_bias`` adapters above this one the bias as this level leaves it."""
+        return bias
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """Return ``(W', b')`` in float32 for float32 ``weight [out, in]`` and ``bias [out]``."""
@@ -102,6 +111,14 @@ class MethodSpec:
     #: (called by ``Adapted.update_and_allocate``) and ``regularization() -> Tensor``
     #: (added by ``Adapted.regularization_loss``), e.g. AdaLoRA's rank allocator
     controller: Any = None
+    #: optional checkpoint hooks for methods whose saved tensors differ from the module's state:
+    #: ``save(module, controller, site) -> (tensors, extra | None)`` and ``load(module, tensors, extra)``;
+    #: ``extra`` is stored per site in the manifest, and in PEFT configs under ``peft_field`` with
+    #: key ``peft_key(site)`` (AdaLoRA's pruned ranks)
+    checkpoint_hooks: Any = None
+    #: optional ``(peft_config, tensors) -> peft_config`` run before a PEFT checkpoint is planned,
+    #: for configs that do not say what PEFT really trained (BOFT's CUDA fallback)
+    peft_config_fixup: Any = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]

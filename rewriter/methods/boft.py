@@ -20,6 +20,7 @@ in one random factor, ``int(p * m)`` random blocks are replaced by the identity.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ class BOFTModule(AdapterModule):
     additive = False
     has_pre = True
     has_post = True
+    reads_bias = True
 
     def __init__(self, site, config: BOFTConfig):
         super().__init__(site, config)
@@ -118,7 +120,7 @@ class BOFTModule(AdapterModule):
         """The orthogonal blocks ``(N, m, b, b)`` (Cayley transforms of the parameter)."""
         skew = 0.5 * (self.boft_R - self.boft_R.transpose(-1, -2))
         eye = torch.eye(self.block_size, dtype=skew.dtype, device=skew.device)
-        blocks = torch.linalg.solve(eye + skew, eye - skew, left=False)
+        blocks = torch.linalg.solve_ex(eye + skew, eye - skew, left=False)[0]  # I + S is never singular (S skew)
         count = int(self.config.boft_dropout * self.block_num)
         if dropout and count:
             dropped = torch.zeros(self.n_factors, self.block_num, 1, 1, dtype=torch.bool, device=blocks.device)
@@ -170,6 +172,18 @@ class BOFTModule(AdapterModule):
                 f"butterfly_factors={self.n_factors}")
 
 
+def fix_peft_config(config: dict, tensors: dict) -> dict:
+    """PEFT on a machine without its CUDA extension trains with one butterfly factor but keeps
+    the requested count in its config; the saved ``boft_R`` (first dim 1) says what was used."""
+    factors = config.get("boft_n_butterfly_factor", 1)
+    saved = {t.shape[0] for k, t in tensors.items() if k.endswith(".boft_R")}
+    if factors > 1 and saved == {1}:
+        warnings.warn(f"this PEFT BOFT checkpoint was trained with 1 butterfly factor (PEFT's fallback without "
+                      f"its CUDA extension) although its config says {factors}; loading it with 1", stacklevel=3)
+        return {**config, "boft_n_butterfly_factor": 1}
+    return config
+
+
 SPEC = register(MethodSpec(
     name="boft",
     config_cls=BOFTConfig,
@@ -179,4 +193,5 @@ SPEC = register(MethodSpec(
     aliases={"block_size": "boft_block_size", "block_num": "boft_block_num",
              "n_butterfly_factor": "boft_n_butterfly_factor", "dropout": "boft_dropout", "init": "init_weights"},
     summary="butterfly-factorised orthogonal input rotation plus output scale (Liu et al. 2024)",
+    peft_config_fixup=fix_peft_config,
 ))

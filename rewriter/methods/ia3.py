@@ -62,6 +62,11 @@ class IA3Module(AdapterModule):
     def post(self, x, y, bias):
         return y.to(self.ia3_l.dtype) * self.ia3_l.view(-1)
 
+    def fold_bias(self, bias):
+        if self.is_feedforward or bias is None:
+            return bias
+        return bias.to(self.ia3_l.dtype) * self.ia3_l.view(-1)
+
     def fold(self, weight, bias):
         scale = self.ia3_l.float()
         if self.is_feedforward:

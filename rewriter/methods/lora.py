@@ -82,6 +82,12 @@ class LoraModule(AdapterModule):
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B, self.lora_B_bias)
         return y + delta * self.scaling
 
+    def fold_bias(self, bias):
+        if self.lora_B_bias is None:
+            return bias
+        shift = self.lora_B_bias * self.scaling
+        return shift if bias is None else bias.to(shift.dtype) + shift
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 

@@ -127,7 +127,7 @@ class OFTModule(AdapterModule):
         q = self._skew()
         eye = torch.eye(self.block_size, dtype=q.dtype, device=q.device)
         if not self.config.use_cayley_neumann:
-            return torch.linalg.solve(eye + q, eye - q, left=False)
+            return torch.linalg.solve_ex(eye + q, eye - q, left=False)[0]  # I + Q is never singular (Q skew)
         terms = self.config.num_cayley_neumann_terms
         if terms == 1:
             return eye.expand_as(q)
