@@ -20,8 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from .errors import MergeError, RewriterError
-from .graph import ADAPTERS_ATTR, MERGED_ATTR, StackEntry, build_graph, copy_graph, fold_site
+from .errors import ConfigError, MergeError, RewriterError
+from .graph import ADAPTERS_ATTR, MERGED_ATTR, MIX_ATTR, StackEntry, build_graph, copy_graph, fold_site
 from .methods import AdapterModule, get_method
 from .rules import Plan, RuleSet, load_rules, parse_rules, plan, rules_from_dict
 from .sites import Site, find_sites, normalize
@@ -78,6 +78,7 @@ class Adapted(nn.Module):
             p.requires_grad_(False)
         self.gm.add_submodule(ADAPTERS_ATTR, nn.Module())
         self.gm.add_submodule(MERGED_ATTR, nn.Module())
+        self._mixed: dict[tuple[str, ...], fx.GraphModule] = {}  # mixed-batch graphs, by adapter set
         self.adapters: dict[str, AdapterRecord] = {}
         self._active: list[str] = []
         self._merged: list[str] = []
@@ -221,6 +222,38 @@ class Adapted(nn.Module):
         self._active = [a for a in self._active if a != name]
         self._refresh()
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **options) -> AdapterRecord:
+        """A new adapter combining ``adapters`` with ``weights`` (PEFT's semantics; LoRA: linear, cat,
+        svd with ``svd_rank``/``svd_clamp``; IA3: linear).  It is added inactive, like PEFT's."""
+        from .rules import Decision
+        if len(adapters) != len(weights) or not adapters:
+            raise RewriterError(f"need one weight per adapter, got {len(adapters)} adapters, {len(weights)} weights")
+        records = [self._require(a) for a in adapters]
+        methods = {d.method for r in records for d in r.plan.decisions}
+        if len(methods) != 1:
+            raise RewriterError(f"cannot combine adapters of different methods {sorted(methods)}")
+        spec = get_method(methods.pop())
+        if spec.combine is None:
+            raise RewriterError(f"weighted combination is not defined for {spec.name}",
+                                fix="it exists for LoRA (linear, cat, svd) and IA3 (linear)")
+        self._check_new_name(adapter_name)
+        try:
+            combined = spec.combine([r.modules for r in records], list(weights), combination_type=combination_type,
+                                    **options)
+        except ConfigError as exc:
+            raise RewriterError(exc.what, fix=exc.fix) from None
+        rule = f"weighted({', '.join(adapters)})"
+        p = Plan(adapter=adapter_name, decisions=[Decision(site=s, rule=rule, method=spec.name, config=c)
+                                                  for s, (c, _) in combined.items()],
+                 train=[], counts={rule: len(combined)}, skipped={}, unmatched={}, shadowed={})
+        modules = self.build_modules(p)
+        with torch.no_grad():
+            for site, (_, tensors) in combined.items():
+                for name, value in tensors.items():
+                    getattr(modules[site], name).copy_(value)
+        return self.install(adapter_name, p, None, modules, activate=False, method=spec.name)
+
     # ---- the live graph -----------------------------------------------------------------------
 
     def _stacks(self) -> dict[str, list[StackEntry]]:
@@ -258,13 +291,17 @@ class Adapted(nn.Module):
                 module.requires_grad_(name in live and not self._disabled)
         self.gm.graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
         self.gm.recompile()
+        self._mixed.clear()
 
     # ---- calling ----------------------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Call the model like the original.  ``adapter_names`` (one per sample; ``"__base__"`` for
+        none) runs a mixed batch in one pass: each adapter acts only on its own samples."""
+        gm = self.gm if adapter_names is None else self._mixed_graph(adapter_names)
         traced = self._traced
         if traced.positional:
-            return self.gm(*args, **kwargs)
+            return gm(*args, **kwargs)
         names = list(traced.example_inputs)
         for name, value in zip(names, args):
             if name in kwargs:
@@ -290,7 +327,41 @@ class Adapted(nn.Module):
             raise RewriterError(
                 f"the graph was traced without input(s) {extra}; it takes {names}",
                 fix="re-trace with them: rewriter.apply(model, rules, example_inputs={...all inputs...})")
-        return self.gm(**call)
+        return gm(**call)
+
+    def _mixed_graph(self, adapter_names: Sequence[str]) -> fx.GraphModule:
+        """The graph for a mixed batch, with every sample's adapter gated by a per-sample mask."""
+        names = list(adapter_names)
+        used = tuple(sorted({n for n in names if n != "__base__"}))
+        for n in used:
+            self._require(n)
+        if self._merged:
+            raise RewriterError("mixed-batch inference needs unmerged adapters", fix="call unmerge() first")
+        if self._disabled:
+            raise RewriterError("adapter_names cannot be used inside disable_adapters()")
+        gm = self._mixed.get(used)
+        if gm is None:
+            stacks: dict[str, list[StackEntry]] = {}
+            for name in used:
+                record = self.adapters[name]
+                for d in record.plan.decisions:
+                    stacks.setdefault(d.site, []).append(StackEntry(
+                        f"{ADAPTERS_ATTR}.{name}.{self.sites[d.site].key}", record.modules[d.site],
+                        {"adapter": name, "rule": d.rule, "method": d.method}, gate=f"{MIX_ATTR}.{name}"))
+            holder = nn.Module()
+            for name in used:
+                holder.register_buffer(name, torch.zeros(0, dtype=torch.bool), persistent=False)
+            self.gm.add_submodule(MIX_ATTR, holder)
+            gm = fx.GraphModule(self.gm, build_graph(self._base_graph, self.sites, stacks, {}))
+            for attr in ("_in_spec", "_out_spec"):
+                if hasattr(self.gm, attr):
+                    setattr(gm, attr, getattr(self.gm, attr))
+            self._mixed[used] = gm
+        holder = gm.get_submodule(MIX_ATTR) if used else None
+        device = next(iter(self.gm.parameters())).device
+        for name in used:
+            holder.register_buffer(name, torch.tensor([n == name for n in names], device=device), persistent=False)
+        return gm
 
     def train(self, mode: bool = True):
         """Switch the adapters' own dropout; the traced base graph stays as traced (eval)."""

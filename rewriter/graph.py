@@ -22,6 +22,7 @@ from .sites import Site, site_operands
 
 ADAPTERS_ATTR = "rewriter_adapters"
 MERGED_ATTR = "rewriter_merged"
+MIX_ATTR = "rewriter_mix"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class StackEntry:
     target: str            #: submodule path in the GraphModule
     module: torch.nn.Module
     meta: dict             #: provenance stamped on inserted nodes
+    gate: str | None = None  #: mixed batches: path of this adapter's per-sample mask buffer
 
 
 class _Ops:
@@ -45,9 +47,13 @@ class _Ops:
 def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtype | None):
     """Stacked adapters ``f_1..f_n`` (bottom to top) compute ``W_eff = f_n(...f_1(W))``:
     level k sees input ``x_k`` (after the input transforms of the levels above it),
-    pre-transforms it for the levels below, and post-processes their output."""
+    pre-transforms it for the levels below, and post-processes their output.
+
+    Gated entries (mixed batches) each act on their own samples only, so every sample sees
+    exactly one adapter: no level sees another's weight or bias."""
+    gated = any(e.gate for e in stack)
     for k, entry in enumerate(stack):
-        if entry.module.needs_weight and k > 0:
+        if entry.module.needs_weight and k > 0 and not gated:
             raise ValueError(f"{type(entry.module).__name__} reads the layer weight, so it must be the lowest "
                              "unmerged adapter on its site: merge or remove the adapters below it first")
     xs = [x] * (len(stack) + 1)
@@ -57,7 +63,7 @@ def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtyp
     for k, entry in enumerate(stack):
         if entry.module.has_post:
             y = ops.post(entry, xs[k + 1], y, bias)
-        if any(e.module.reads_bias for e in stack[k + 1:]):  # hand the bias on as this level leaves it
+        if not gated and any(e.module.reads_bias for e in stack[k + 1:]):  # hand on the bias this level leaves
             bias = ops.fold_bias(entry, bias)
     if out_dtype is not None and any(e.module.adapter_dtype != out_dtype for e in stack):
         y = ops.cast(y, out_dtype)
@@ -133,7 +139,10 @@ class _GraphOps(_Ops):
 
     def pre(self, entry, x):
         with self.graph.inserting_before(self.node):
-            return self._stamp(self.graph.call_module(entry.target, (x,), {"stage": "pre"}), entry)
+            new = self._stamp(self.graph.call_module(entry.target, (x,), {"stage": "pre"}), entry)
+            if entry.gate:
+                new = self.graph.call_function(gate_rows, (self.graph.get_attr(entry.gate), new, x))
+            return new
 
     def post(self, entry, x, y, bias):
         kwargs = {"stage": "post"}
@@ -143,7 +152,11 @@ class _GraphOps(_Ops):
                 with self.graph.inserting_before(self.node):
                     weight = self.graph.call_method("t", (weight,))
             kwargs["weight"] = weight
-        return self._stamp(self._after("call_module", entry.target, (x, y, bias), kwargs), entry)
+        new = self._stamp(self._after("call_module", entry.target, (x, y, bias), kwargs), entry)
+        if entry.gate:
+            mask = self._after("get_attr", entry.gate, ())
+            new = self._after("call_function", gate_rows, (mask, new, y))
+        return new
 
     def base(self, x):
         self.node.update_arg(self.x_index, x)
@@ -156,6 +169,16 @@ class _GraphOps(_Ops):
         if type(entry.module).fold_bias is AdapterModule.fold_bias:
             return bias  # unchanged: no node needed
         return self._stamp(self._after("call_module", entry.target, (bias,), {"stage": "bias"}), entry)
+
+
+def gate_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per-sample choice between an adapter's output and the input it got.  ``mask`` is one bool
+    per sample; rows are samples, or samples x tokens for flattened (Conv1D) activations."""
+    rows = new.shape[0]
+    if rows != mask.shape[0]:
+        mask = mask.repeat_interleave(rows // mask.shape[0])
+    mask = mask.view(rows, *([1] * (new.dim() - 1)))
+    return torch.where(mask, new, old.to(new.dtype))
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -116,6 +116,9 @@ class MethodSpec:
     #: ``extra`` is stored per site in the manifest, and in PEFT configs under ``peft_field`` with
     #: key ``peft_key(site)`` (AdaLoRA's pruned ranks)
     checkpoint_hooks: Any = None
+    #: optional weighted combination (``add_weighted_adapter``):
+    #: ``combine(adapters: [{site: module}], weights, **options) -> {site: (config, {param: tensor})}``
+    combine: Any = None
     #: optional ``(peft_config, tensors) -> peft_config`` run before a PEFT checkpoint is planned,
     #: for configs that do not say what PEFT really trained (BOFT's CUDA fallback)
     peft_config_fixup: Any = None

@@ -92,6 +92,22 @@ def combine_weighted(vectors: Sequence[torch.Tensor], weights: Sequence[float]) 
     return combined
 
 
+def combine(adapters: list[dict[str, "IA3Module"]], weights: list[float], combination_type: str = "linear"):
+    """PEFT's IA3 ``add_weighted_adapter``: ``l = sum_i w_i l_i`` at every site that has the adapters."""
+    if combination_type != "linear":
+        raise ConfigError(f"IA3 combines linearly only, got combination_type={combination_type!r}",
+                          fix="use combination_type='linear'")
+    out = {}
+    for site in dict.fromkeys(s for mods in adapters for s in mods):
+        present = [(mods[site], w) for mods, w in zip(adapters, weights) if site in mods]
+        kinds = {m.is_feedforward for m, _ in present}
+        if len(kinds) > 1:
+            raise ConfigError(f"{site}: cannot combine feedforward and output IA3 vectors")
+        vector = combine_weighted([m.ia3_l.detach().float() for m, _ in present], [w for _, w in present])
+        out[site] = (present[0][0].config, {"ia3_l": vector})
+    return out
+
+
 SPEC = register(MethodSpec(
     name="ia3",
     config_cls=IA3Config,
@@ -99,5 +115,6 @@ SPEC = register(MethodSpec(
     peft_type="IA3",
     peft_keys={"ia3_l": "ia3_l"},
     aliases={"init": "init_ia3_weights", "feedforward": "is_feedforward"},
+    combine=combine,
     summary="learned rescaling of a layer's output (or input, for feedforward sites) (Liu et al. 2022)",
 ))

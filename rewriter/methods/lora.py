@@ -100,6 +100,60 @@ class LoraModule(AdapterModule):
         return weight, bias
 
 
+def combine(adapters: list[dict[str, "LoraModule"]], weights: list[float], combination_type: str = "svd",
+            svd_rank: int | None = None, svd_clamp: float | None = None):
+    """PEFT's ``add_weighted_adapter`` for LoRA: per site, a new config and its tensors.
+
+    ``linear`` (equal ranks): A = sum sign(w s) sqrt|w s| A_i, B = sum sqrt|w s| B_i (cross terms
+    ignored, as PEFT); ``cat``: exact, rank = sum of ranks; ``svd``: the rank-``svd_rank`` SVD of
+    ``sum w_i dW_i``.  The new adapter has scaling 1 (lora_alpha = r); unlike PEFT, also for
+    rslora sources (PEFT then scales by sqrt(r), which mis-scales the combined delta)."""
+    import dataclasses
+    if combination_type not in ("linear", "cat", "svd"):
+        raise ConfigError(f"combination_type {combination_type!r} is not supported",
+                          fix="use 'linear', 'cat' or 'svd'")
+    if len(adapters) == 1:
+        combination_type = "linear"
+    ranks = {m.config.r for mods in adapters for m in mods.values()}
+    if combination_type == "linear" and len(ranks) > 1:
+        raise ConfigError(f"'linear' needs equal ranks, got {sorted(ranks)}", fix="use 'cat' or 'svd'")
+    sites = list(dict.fromkeys(site for mods in adapters for site in mods))
+    total_rank = sum(max(m.config.r for m in mods.values()) for mods in adapters)
+    new_rank = {"linear": max(ranks), "cat": total_rank, "svd": svd_rank or max(ranks)}[combination_type]
+    out = {}
+    for site in sites:
+        present = [(mods[site], w) for mods, w in zip(adapters, weights) if site in mods]
+        first = present[0][0]
+        config = dataclasses.replace(first.config, r=new_rank, lora_alpha=new_rank, use_rslora=False,
+                                     lora_bias=False, init_lora_weights=True)
+        A = torch.zeros(new_rank, first.in_features)
+        B = torch.zeros(first.out_features, new_rank)
+        with torch.no_grad():
+            if combination_type == "linear":
+                for m, w in present:
+                    ws = w * m.scaling
+                    A += math.copysign(math.sqrt(abs(ws)), ws) * m.lora_A.float()
+                    B += math.sqrt(abs(ws)) * m.lora_B.float()
+            elif combination_type == "cat":
+                row = 0
+                for m, w in present:
+                    r = m.config.r
+                    A[row:row + r] = w * m.scaling * m.lora_A.float()
+                    B[:, row:row + r] = m.lora_B.float()
+                    row += r
+            else:
+                delta = sum(w * m.delta_weight() for m, w in present)
+                U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+                k = min(new_rank, S.numel())
+                B[:, :k], A[:k] = U[:, :k] * S[:k], Vh[:k]
+                if svd_clamp is not None:
+                    limit = torch.quantile(torch.cat([B.flatten(), A.flatten()]).abs(), svd_clamp)
+                    A.clamp_(-limit, limit)
+                    B.clamp_(-limit, limit)
+        out[site] = (config, {"lora_A": A, "lora_B": B})
+    return out
+
+
 SPEC = register(MethodSpec(
     name="lora",
     config_cls=LoraConfig,
@@ -110,4 +164,5 @@ SPEC = register(MethodSpec(
     aliases={"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights",
              "rslora": "use_rslora"},
     summary="low-rank additive update s*B@A (Hu et al. 2021)",
+    combine=combine,
 ))
