@@ -89,12 +89,21 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
         if not t.is_floating_point():
             raise CheckpointError(f"tensor '{key}' has dtype {t.dtype}; adapter weights must be floating point",
                                   where=where)
-        if not torch.isfinite(t).all():
+        if not torch.isfinite(t.float() if t.element_size() == 1 else t).all():  # no isfinite for float8
             raise CheckpointError(f"tensor '{key}' contains NaN or Inf", where=where,
                                   fix="the adapter diverged or the file is corrupt; use an earlier checkpoint")
 
 
 # ---- state <-> modules ----------------------------------------------------------------------
+
+def _cast_checked(tensor: torch.Tensor, like: torch.Tensor, key: str, where: str) -> torch.Tensor:
+    """``tensor`` in ``like``'s dtype and device; a finite value that overflows there is refused."""
+    out = tensor.to(dtype=like.dtype, device=like.device)
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        raise CheckpointError(f"tensor '{key}' ({tensor.dtype}) has values too large for {like.dtype}", where=where,
+                              fix="the adapter diverged or was saved in a wider dtype than this model can hold")
+    return out
+
 
 def _module_state(module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items()}
@@ -122,20 +131,36 @@ def fill_modules(modules: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + " | ".join(problems), where=where,
                               fix="load it onto the model (and rules) it was trained for")
+    cast = {key: _cast_checked(tensors[key], value, key, where) for key, (_, _, value) in expected.items()}
     with torch.no_grad():
         for key, (site, param, value) in expected.items():
-            value.copy_(tensors[key].to(dtype=value.dtype, device=value.device))
+            value.copy_(cast[key])
+
+
+def _is_entry(entry, text_keys: tuple[str, ...]) -> bool:
+    return isinstance(entry, Mapping) and all(isinstance(entry.get(k), str) for k in text_keys)
 
 
 def _plan_from_json(data: Mapping[str, Any], where: str) -> Plan:
+    sites = data.get("sites") if isinstance(data, Mapping) else None
+    train_entries = data.get("train", []) if isinstance(data, Mapping) else None
+    if (not isinstance(sites, list) or not sites or not isinstance(train_entries, list)
+            or not all(_is_entry(e, ("site", "rule", "method")) and isinstance(e.get("params"), Mapping) for e in sites)
+            or not all(_is_entry(e, ("module", "rule")) for e in train_entries)):
+        raise CheckpointError("invalid plan in manifest: expected 'sites' (a non-empty list of {site, rule, method, "
+                              "params}) and 'train' (a list of {module, rule})", where=where,
+                              fix="the manifest was edited or corrupted: save the adapter again")
+    names = [e["site"] for e in sites]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CheckpointError(f"invalid plan in manifest: site(s) {twice[:5]} appear more than once", where=where,
+                              fix="the manifest was edited or corrupted: save the adapter again")
     try:
         decisions = [Decision(site=e["site"], rule=e["rule"], method=e["method"],
-                              config=get_method(e["method"]).make_config(e["params"])) for e in data["sites"]]
-        train = [(e["module"], e["rule"]) for e in data.get("train", [])]
+                              config=get_method(e["method"]).make_config(e["params"])) for e in sites]
     except RewriterError as exc:
         raise CheckpointError(f"invalid plan in manifest: {exc.what}", where=where, fix=exc.fix) from None
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"invalid plan in manifest: missing {exc}", where=where) from None
+    train = [(e["module"], e["rule"]) for e in train_entries]
     counts: dict[str, int] = {}
     for d in decisions:
         counts[d.rule] = counts.get(d.rule, 0) + 1
@@ -256,14 +281,18 @@ def _save_one_peft(adapted, name: str, directory: Path) -> None:
 # ---- load -----------------------------------------------------------------------------------
 
 def _adapter_dirs(directory: Path) -> list[Path]:
-    if (directory / MANIFEST).exists() or (directory / PEFT_CONFIG).exists():
-        return [directory]
-    subs = sorted(p for p in directory.iterdir() if p.is_dir() and
-                  ((p / MANIFEST).exists() or (p / PEFT_CONFIG).exists())) if directory.is_dir() else []
-    if not subs:
+    """The adapter directories under ``directory``: itself (PEFT's "default") and/or one
+    sub-directory per further adapter."""
+    def is_adapter(p: Path) -> bool:
+        return (p / MANIFEST).exists() or (p / PEFT_CONFIG).exists()
+
+    found = [directory] if is_adapter(directory) else []
+    if directory.is_dir():
+        found += sorted(p for p in directory.iterdir() if p.is_dir() and is_adapter(p))
+    if not found:
         raise CheckpointError("no adapter here: expected rewriter_adapter.json or adapter_config.json",
                               where=str(directory), fix="point at the directory save_adapter wrote")
-    return subs
+    return found
 
 
 def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, activate: bool | None = None,
@@ -272,12 +301,20 @@ def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, ac
     directory = Path(directory)
     dirs = _adapter_dirs(directory)
     if adapter_name is not None and len(dirs) > 1:
-        raise CheckpointError(f"{len(dirs)} adapters found; adapter_name applies to one", where=str(directory))
-    names = []
+        raise CheckpointError(f"{len(dirs)} adapters found; adapter_name applies to one", where=str(directory),
+                              fix="point at one adapter's directory")
+    staged = []  # (name, install): every adapter is read and validated before any is installed
     for d in dirs:
         loader = _load_one if (d / MANIFEST).exists() else _load_one_peft
         name = adapter_name or (d.name if d != directory else None)
-        names.append(loader(adapted, d, name, activate, low_cpu_mem_usage))
+        staged.append(loader(adapted, d, name, activate, low_cpu_mem_usage))
+    names = [name for name, _ in staged]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CheckpointError(f"several adapters here are named {twice}", where=str(directory),
+                              fix="load them one directory at a time with adapter_name=...")
+    for _, install in staged:
+        install()
     return names
 
 
@@ -301,11 +338,12 @@ def _check_sites(adapted, p: Plan, where: str) -> None:
                               + "was the adapter trained on another architecture or renamed modules?")
 
 
-def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage) -> str:
+def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage):
+    """Read and validate one rewriter-format adapter; returns ``(name, install)``."""
     where = str(directory / MANIFEST)
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"cannot read manifest: {exc}", where=where) from None
     if not isinstance(manifest, dict) or manifest.get("format") != "rewriter":
         raise CheckpointError("not a rewriter manifest", where=where)
@@ -317,24 +355,37 @@ def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usag
     p = _plan_from_json(manifest.get("plan", {}), where)
     p.adapter = name
     _check_sites(adapted, p, where)
-    weights = directory / str(manifest.get("weights", ""))
+    method = manifest.get("method")
+    if method is not None and method not in {d.method for d in p.decisions}:
+        raise CheckpointError(f"manifest method {method!r} is not one of the plan's methods", where=where,
+                              fix="the manifest was edited or corrupted: save the adapter again")
+    weights_name = manifest.get("weights")
+    if not isinstance(weights_name, str) or Path(weights_name).name != weights_name or weights_name in ("", ".", ".."):
+        raise CheckpointError(f"manifest names weights file {weights_name!r}; it must be a file name inside the "
+                              "adapter directory", where=where, fix="the manifest was edited: save the adapter again")
+    weights = directory / weights_name
     tensors = read_tensors(weights)
     _check_finite(tensors, str(weights))
     site_tensors = {k: v for k, v in tensors.items() if k.startswith("sites/")}
     train_tensors = {k[len("modules/"):]: v for k, v in tensors.items() if k.startswith("modules/")}
     modules = _materialise(adapted, p, low_cpu_mem_usage)
     extras = manifest.get("site_extra") or {}
+    hooked = {d.site for d in p.decisions if get_method(d.method).checkpoint_hooks is not None}
+    if not isinstance(extras, Mapping) or not set(extras) <= hooked:
+        raise CheckpointError("manifest 'site_extra' names sites whose method keeps no extra checkpoint data",
+                              where=where, fix="the manifest was edited or corrupted: save the adapter again")
     _fill(modules, p, site_tensors, lambda site, k: f"sites/{site}/{k}", extras, str(weights))
     _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
     ruleset = None
-    if manifest.get("rules"):
+    if isinstance(manifest.get("rules"), str):
         try:
             ruleset = parse_rules(manifest["rules"], source=str(directory / "rules.toml"))
         except RewriterError:
             ruleset = None  # the plan is authoritative; the text is informational
-    adapted.install(name, p, ruleset, modules, activate=activate, method=manifest.get("method"))
-    _fill_train(adapted, p, train_tensors, str(weights))
-    return name
+    def install():
+        adapted.install(name, p, ruleset, modules, activate=activate, method=method)
+        _fill_train(adapted, p, train_tensors, str(weights))
+    return name, install
 
 
 def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: str, check_only: bool = False) -> None:
@@ -352,13 +403,15 @@ def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: st
     if missing or unexpected or bad:
         raise CheckpointError(f"saved module weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                               f"shape mismatch {bad[:4]}", where=where)
+    cast = {k: _cast_checked(tensors[k], param, k, where) for k, param in expected.items()}
     if not check_only:
         with torch.no_grad():
             for k, param in expected.items():
-                param.copy_(tensors[k].to(dtype=param.dtype, device=param.device))
+                param.copy_(cast[k])
 
 
-def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage) -> str:
+def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage):
+    """Read and validate one PEFT-format adapter; returns ``(name, install)``."""
     from .peft_config import method_for_peft_type, read_peft_config, rules_from_peft_config
     from .rules import plan as make_plan
     cfg_path = directory / PEFT_CONFIG
@@ -397,9 +450,10 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
         extras = {d.site: by_key[hooks.peft_key(d.site)] for d in p.decisions if hooks.peft_key(d.site) in by_key}
     _fill(modules, p, site_tensors, lambda site, k: f"{site}.{inverse.get(k, k)}", extras, str(weights))
     _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
-    adapted.install(name, p, ruleset, modules, activate=activate, method=spec.name)
-    _fill_train(adapted, p, train_tensors, str(weights))
-    return name
+    def install():
+        adapted.install(name, p, ruleset, modules, activate=activate, method=spec.name)
+        _fill_train(adapted, p, train_tensors, str(weights))
+    return name, install
 
 
 def _belongs_to_site(key: str, p: Plan) -> bool:
