@@ -110,6 +110,11 @@ def rules_from_peft_config(config: Mapping[str, Any], *, adapter_name: str = "de
         ff = cfg.get("feedforward_modules")
         if ff is None:
             ff = DEFAULT_FEEDFORWARD_IA3.get(model_type or "", [])
+        if not isinstance(ff, str) and not isinstance(targets, str):
+            stray = sorted(set(ff) - set(targets))
+            if stray:
+                raise RewriterError(f"feedforward_modules {stray} are not among target_modules {sorted(targets)}",
+                                    where=source, fix="every feedforward module must also be a target")
         regex = ff if isinstance(ff, str) else "|".join(f".*{re.escape(e)}" for e in ff)  # plain endswith
         if regex:
             axes.append(("is_feedforward", [(regex, True)]))

@@ -89,3 +89,11 @@ def test_default_targets_need_a_known_model_type():
     assert rules_from_peft_config({"peft_type": "LORA"}, model_type="llama").rules
     with pytest.raises(Exception, match="no default for model type"):
         rules_from_peft_config({"peft_type": "LORA"}, model_type="mamba-x")
+
+
+def test_ia3_feedforward_modules_must_be_targets():
+    ok = rules_from_peft_config({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"],
+                                 "feedforward_modules": ["down_proj"]})
+    assert any(r.params.get("is_feedforward") for r in ok.rules)
+    with pytest.raises(Exception, match=r"feedforward_modules \['up_proj'\] are not among target_modules"):
+        rules_from_peft_config({"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": ["up_proj"]})
