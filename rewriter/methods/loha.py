@@ -29,13 +29,13 @@ from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_numbe
 
 
 @dataclass(frozen=True)
-class LoHaConfig:
+class LycorisConfig:
+    """The fields LoHa and LoKr share; each method's config adds its own after them."""
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False  # convolutions only: no effect on linear sites
-    init_weights: bool = True
 
     def __post_init__(self):
         check_int("r", self.r, minimum=1)
@@ -43,11 +43,19 @@ class LoHaConfig:
         check_probability("rank_dropout", self.rank_dropout)
         check_probability("module_dropout", self.module_dropout)
         check_bool("use_effective_conv2d", self.use_effective_conv2d)
-        check_bool("init_weights", self.init_weights)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class LoHaConfig(LycorisConfig):
+    init_weights: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_bool("init_weights", self.init_weights)
 
 
 def sample_dropout(module_dropout: float, rank_dropout: float, out_features: int, rescale: bool):
@@ -65,20 +73,45 @@ def sample_dropout(module_dropout: float, rank_dropout: float, out_features: int
     return True, keep
 
 
-class LoHaModule(AdapterModule):
+class LycorisModule(AdapterModule):
+    """LoHa's and LoKr's forward and fold around the subclass's ``delta(x)`` and ``delta_weight()``:
+    ``y + ΔW x`` with PEFT's training-only dropouts, and ``W <- W + ΔW``.  ``rescale_rows``: the
+    kept rows of ``rank_dropout`` are rescaled by ``1 / mean``."""
+
     additive = True
 
-    def __init__(self, site, config: LoHaConfig):
+    def __init__(self, site, config, *, rescale_rows: bool):
         super().__init__(site, config)
-        r, out_f, in_f = config.r, site.out_features, site.in_features
         self.scaling = config.scaling
+        self.rescale_rows = rescale_rows
+        self.uses_dropout = config.module_dropout > 0 or config.rank_dropout > 0
+
+    def post(self, x, y, bias):
+        row_scale = None
+        if self.training and self.uses_dropout:
+            applied, row_scale = sample_dropout(self.config.module_dropout, self.config.rank_dropout,
+                                                self.out_features, rescale=self.rescale_rows)
+            if not applied:
+                return y
+        delta = self.delta(x.to(self.adapter_dtype))
+        if row_scale is not None:
+            delta = delta * row_scale.to(delta.device)
+        return y + delta
+
+    def fold(self, weight, bias):
+        return weight + self.delta_weight().float(), bias
+
+
+class LoHaModule(LycorisModule):
+    def __init__(self, site, config: LoHaConfig):
+        super().__init__(site, config, rescale_rows=True)
+        r, out_f, in_f = config.r, site.out_features, site.in_features
         self.hada_w1_a = nn.Parameter(torch.empty(out_f, r))
         self.hada_w1_b = nn.Parameter(torch.empty(r, in_f))
         self.hada_w2_a = nn.Parameter(torch.empty(out_f, r))
         self.hada_w2_b = nn.Parameter(torch.empty(r, in_f))
         # multiply-adds per token: r² (in + out) through the rank-r² factors, in · out dense
         self.factored = r * r * (in_f + out_f) < in_f * out_f
-        self.uses_dropout = config.module_dropout > 0 or config.rank_dropout > 0
         self.reset_parameters(site.dtype)
 
     @torch.no_grad()
@@ -103,21 +136,6 @@ class LoHaModule(AdapterModule):
         u = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_features, r2)
         v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r2, self.in_features)
         return F.linear(F.linear(x, v), u * self.scaling)
-
-    def post(self, x, y, bias):
-        row_scale = None
-        if self.training and self.uses_dropout:
-            applied, row_scale = sample_dropout(self.config.module_dropout, self.config.rank_dropout,
-                                                self.out_features, rescale=True)
-            if not applied:
-                return y
-        delta = self.delta(x.to(self.hada_w1_a.dtype))
-        if row_scale is not None:
-            delta = delta * row_scale.to(delta.device)
-        return y + delta
-
-    def fold(self, weight, bias):
-        return weight + self.delta_weight().float(), bias
 
     def extra_repr(self) -> str:
         form = "factored" if self.factored else "dense"

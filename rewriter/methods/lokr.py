@@ -24,29 +24,19 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_number, check_probability, register,
-                   round_like_base)
-from .loha import sample_dropout
+from .base import MethodSpec, check_bool, check_int, register, round_like_base
+from .loha import LycorisConfig, LycorisModule
 
 
 @dataclass(frozen=True)
-class LoKrConfig:
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False  # convolutions only: no effect on linear sites
+class LoKrConfig(LycorisConfig):
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
     init_weights: bool | str = True
 
     def __post_init__(self):
-        check_int("r", self.r, minimum=1)
-        check_number("alpha", self.alpha)
-        check_probability("rank_dropout", self.rank_dropout)
-        check_probability("module_dropout", self.module_dropout)
-        check_bool("use_effective_conv2d", self.use_effective_conv2d)
+        super().__post_init__()
         check_bool("decompose_both", self.decompose_both)
         check_int("decompose_factor", self.decompose_factor)
         if self.decompose_factor == 0 or self.decompose_factor < -1:
@@ -56,10 +46,6 @@ class LoKrConfig:
         if not (isinstance(self.init_weights, bool) or self.init_weights == "lycoris"):
             raise ConfigError(f"'init_weights' must be true, false or \"lycoris\", got {self.init_weights!r}",
                               field="init_weights")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -83,16 +69,13 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return min(m, n), max(m, n)
 
 
-class LoKrModule(AdapterModule):
-    additive = True
-
+class LoKrModule(LycorisModule):
     def __init__(self, site, config: LoKrConfig):
-        super().__init__(site, config)
+        super().__init__(site, config, rescale_rows=config.rank_dropout_scale)
         r = config.r
         a, b = factorization(site.out_features, config.decompose_factor)
         c, d = factorization(site.in_features, config.decompose_factor)
         self.blocks = (a, b, c, d)
-        self.scaling = config.scaling
         full_w1 = not (config.decompose_both and r < max(a, c) / 2)
         full_w2 = r >= max(b, d) / 2
         # creation order = PEFT's init draw order; absent factors are None (not saved)
@@ -104,7 +87,6 @@ class LoKrModule(AdapterModule):
         self.lokr_w2_b = None if full_w2 else nn.Parameter(torch.empty(r, d))
         # contract the cheaper side first: W2 then W1 costs b·c·(d + a), W1 then W2 a·d·(c + b)
         self.w2_first = b * c * (d + a) <= a * d * (c + b)
-        self.uses_dropout = config.module_dropout > 0 or config.rank_dropout > 0
         self.reset_parameters(site.dtype)
 
     @torch.no_grad()
@@ -139,21 +121,6 @@ class LoKrModule(AdapterModule):
         else:
             out = torch.matmul(w1, blocks) @ w2.t()
         return out.reshape(*x.shape[:-1], a * b)
-
-    def post(self, x, y, bias):
-        row_scale = None
-        if self.training and self.uses_dropout:
-            applied, row_scale = sample_dropout(self.config.module_dropout, self.config.rank_dropout,
-                                                self.out_features, rescale=self.config.rank_dropout_scale)
-            if not applied:
-                return y
-        delta = self.delta(x.to(self.adapter_dtype))
-        if row_scale is not None:
-            delta = delta * row_scale.to(delta.device)
-        return y + delta
-
-    def fold(self, weight, bias):
-        return weight + self.delta_weight().float(), bias
 
     def extra_repr(self) -> str:
         a, b, c, d = self.blocks

@@ -3,7 +3,6 @@ orthogonal regulariser, pruned checkpoints)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import types
 import warnings
 
@@ -19,17 +18,12 @@ from rewriter.graph import fold_site, run_site
 from rewriter.methods.adalora import (SPEC, AdaLoraConfig, AdaLoraModule, RankAllocator, peft_state,
                                       prune_state)
 from rewriter.methods.lora import LoraConfig, LoraModule
-from rewriter.sites import Site
+from rewriter.testing import make_site
 from rewriter.tolerance import matmul_tolerance, output_tolerance, unit_roundoff
+from shared import DTYPES, Decoder, config_error, config_from_peft, max_error, peft_layer_state, targets
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PEFT_DTYPES = DTYPES
 SITES = ("q_proj", "v_proj")
-
-
-def make_site(in_features, out_features, dtype=torch.float32, name="layers.0.self_attn.q_proj"):
-    return Site(name=name, weight=f"{name}.weight", bias=None, op="linear", in_features=in_features,
-                out_features=out_features, layer=0, dtype=dtype, nodes=())
 
 
 def adalora(site, **params):
@@ -58,10 +52,6 @@ def site_tolerance(x, weight, bias, modules, dtype) -> float:
     return matmul_tolerance(x, bound, dtype)
 
 
-def max_error(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
 # ---- config ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("params, field", [
@@ -87,10 +77,9 @@ def max_error(a, b) -> float:
     ({"total_step": 10, "r": -3}, "r"),
 ])
 def test_config_rejects_bad_values(params, field):
-    with pytest.raises(ConfigError) as err:
-        AdaLoraConfig(**params)
-    assert err.value.field == field
-    assert field in str(err.value)
+    error = config_error(lambda: AdaLoraConfig(**params))
+    assert error.field == field
+    assert field in str(error)
 
 
 def test_config_defaults_are_peft_defaults():
@@ -131,7 +120,7 @@ def test_spec_aliases_and_unknown_fields():
        seed=st.integers(0, 2**16))
 def test_forward_equals_fold(in_features, out_features, rank, batch, dtype, alpha, stack, with_bias, seed):
     torch.manual_seed(seed)
-    site = make_site(in_features, out_features, dtype)
+    site = make_site(in_features, out_features, dtype=dtype)
     ours = adalora(site, init_r=rank, lora_alpha=alpha)
     other = {
         "single": [],
@@ -154,7 +143,7 @@ def test_forward_equals_fold(in_features, out_features, rank, batch, dtype, alph
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_noop_init_is_exactly_the_base(in_features, out_features, rank, dtype, seed):
     torch.manual_seed(seed)
-    site = make_site(in_features, out_features, dtype)
+    site = make_site(in_features, out_features, dtype=dtype)
     module = adalora(site, init_r=rank, init_lora_weights=True)
     assert not module.lora_E.any() and module.lora_A.any() and module.lora_B.any()
     weight = torch.randn(out_features, in_features).to(dtype)
@@ -170,7 +159,7 @@ def test_noop_init_is_exactly_the_base(in_features, out_features, rank, dtype, s
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_only_adapter_parameters_get_gradients(in_features, out_features, rank, dtype, seed):
     torch.manual_seed(seed)
-    site = make_site(in_features, out_features, dtype)
+    site = make_site(in_features, out_features, dtype=dtype)
     module = adalora(site, init_r=rank)
     lora = LoraModule(site, LoraConfig(r=2, init_lora_weights=False)).requires_grad_(False)
     assert {n for n, _ in module.named_parameters()} == {"lora_A", "lora_E", "lora_B"}
@@ -189,7 +178,7 @@ def test_only_adapter_parameters_get_gradients(in_features, out_features, rank, 
 def test_meta_device_build_then_load_computes_the_same():
     """The core's low_cpu_mem_usage path: build on meta, allocate empty, copy the state in."""
     torch.manual_seed(2)
-    site = make_site(9, 7, torch.bfloat16)
+    site = make_site(9, 7, dtype=torch.bfloat16)
     reference = adalora(site, init_r=3, lora_alpha=6)
     with torch.device("meta"):
         lazy = AdaLoraModule(site, reference.config)
@@ -249,10 +238,6 @@ def peft_config(**params):
     return peft.AdaLoraConfig(target_modules=list(SITES), **params)
 
 
-def our_config(config: peft.AdaLoraConfig) -> AdaLoraConfig:
-    return AdaLoraConfig(**{name: getattr(config, name) for name in SPEC.field_names()})
-
-
 def twin_modules(peft_model, config, dtype):
     """Our modules with the PEFT model's adapter tensors, loaded through ``peft_keys``."""
     state = peft.get_peft_model_state_dict(peft_model)
@@ -260,10 +245,9 @@ def twin_modules(peft_model, config, dtype):
     for name, layer in peft_model.base_model.model.named_modules():
         if not isinstance(layer, peft.tuners.adalora.SVDLinear):
             continue
-        site = make_site(layer.in_features, layer.out_features, dtype, name)
+        site = make_site(layer.in_features, layer.out_features, dtype=dtype, name=name)
         module = AdaLoraModule(site, config).eval()
-        prefix = f"base_model.model.{name}."
-        saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        saved = peft_layer_state(state, name)
         assert set(saved) == set(SPEC.peft_keys)  # a PEFT checkpoint maps one-to-one onto our state
         assert set(module.state_dict()) == set(SPEC.peft_keys.values())
         module.load_state_dict({SPEC.peft_keys[k]: v for k, v in saved.items()}, strict=True)
@@ -277,7 +261,7 @@ def test_layer_outputs_and_merge_match_peft(dtype, alpha):
     torch.manual_seed(1)
     config = peft_config(init_r=5, lora_alpha=alpha)
     peft_model = peft.get_peft_model(Tiny().to(dtype), config)
-    modules = twin_modules(peft_model, our_config(config), dtype)
+    modules = twin_modules(peft_model, config_from_peft(SPEC, config), dtype)
     for name, module in modules.items():
         layer = peft_model.base_model.model.get_submodule(name)
         assert layer.lora_A["default"].dtype == torch.float32
@@ -312,7 +296,7 @@ def test_conv1d_site_matches_peft(dtype):
         peft_model = peft.get_peft_model(GPT2Attention().to(dtype), peft.AdaLoraConfig(
             target_modules=["c_attn"], init_r=3, target_r=3, total_step=5, init_lora_weights=False))
     layer = peft_model.base_model.model.c_attn
-    site = dataclasses.replace(make_site(8, 18, dtype, "c_attn"), op="conv1d")
+    site = make_site(8, 18, dtype=dtype, name="c_attn", op="conv1d")
     module = AdaLoraModule(site, AdaLoraConfig(init_r=3, target_r=3, total_step=5)).eval()
     saved = peft.get_peft_model_state_dict(peft_model)
     module.load_state_dict({SPEC.peft_keys[k.removeprefix("base_model.model.c_attn.")]: v for k, v in saved.items()})
@@ -335,7 +319,7 @@ def test_seeded_init_matches_peft(dtype, init):
     torch.manual_seed(7)
     peft_model = peft.get_peft_model(base, config)
     torch.manual_seed(7)
-    module = AdaLoraModule(make_site(12, 10, dtype, "q_proj"), our_config(config))
+    module = AdaLoraModule(make_site(12, 10, dtype=dtype, name="q_proj"), config_from_peft(SPEC, config))
     layer = peft_model.base_model.model.q_proj
     for name in ("lora_A", "lora_E", "lora_B"):
         assert torch.equal(getattr(module, name), getattr(layer, name)["default"]), name
@@ -420,8 +404,8 @@ def test_allocator_matches_peft(init):
     config = peft_config(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12, beta1=0.8,
                          beta2=0.9, init_lora_weights=init)
     peft_model = peft.get_peft_model(Tiny(3), config)
-    modules = twin_modules(peft_model, our_config(config), torch.float32)
-    allocator = RankAllocator(modules, our_config(config))
+    modules = twin_modules(peft_model, config_from_peft(SPEC, config), torch.float32)
+    allocator = RankAllocator(modules, config_from_peft(SPEC, config))
     peft_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     ours_params = [p for m in modules.values() for p in m.parameters()]
     masked_steps = 0
@@ -452,8 +436,8 @@ def test_regularization_matches_peft():
     torch.manual_seed(4)
     config = peft_config(init_r=4, orth_reg_weight=0.3)
     peft_model = peft.get_peft_model(Tiny(2), config)
-    modules = twin_modules(peft_model, our_config(config), torch.float32)
-    allocator = RankAllocator(modules, our_config(config))
+    modules = twin_modules(peft_model, config_from_peft(SPEC, config), torch.float32)
+    allocator = RankAllocator(modules, config_from_peft(SPEC, config))
     with torch.no_grad():  # PEFT's tuner adds the regulariser to the model's (here zero) loss
         theirs = peft_model.base_model(torch.randn(2, 12), zero_loss=True).loss
     ours = allocator.regularization()
@@ -521,8 +505,8 @@ def test_pruned_checkpoint_matches_peft(tmp_path):
     base = Tiny(2)
     base_state = copy.deepcopy(base.state_dict())
     peft_model = peft.get_peft_model(base, config)
-    modules = twin_modules(peft_model, our_config(config), torch.float32)
-    allocator = RankAllocator(modules, our_config(config))
+    modules = twin_modules(peft_model, config_from_peft(SPEC, config), torch.float32)
+    allocator = RankAllocator(modules, config_from_peft(SPEC, config))
     peft_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     for step in range(config.total_step + 1):
         peft_model.base_model(torch.randn(8, 12)).loss.backward()
@@ -631,24 +615,6 @@ def test_pruned_state_errors_name_the_site():
 
 # ---- whole model (rewriter.apply) -------------------------------------------------------------
 
-class Decoder(nn.Module):
-    """Llama-like names (``model.layers.<i>.self_attn.q_proj``), a plain tensor output."""
-
-    def __init__(self, layers=2, hidden=16):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleList(nn.Module() for _ in range(layers))
-        for layer in self.model.layers:
-            layer.self_attn = nn.Module()
-            layer.self_attn.q_proj = nn.Linear(hidden, hidden)
-            layer.self_attn.v_proj = nn.Linear(hidden, hidden, bias=False)
-
-    def forward(self, x):
-        for layer in self.model.layers:
-            x = x + layer.self_attn.v_proj(torch.tanh(layer.self_attn.q_proj(x)))
-        return x
-
-
 SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=6, orth_reg_weight=0.2,
                 init_lora_weights=False)
 
@@ -661,7 +627,7 @@ def test_rule_file_loads_and_targets_llama_projections():
     config = SPEC.make_config(ruleset.params)
     assert config.total_step > config.tinit + config.tfinal and config.target_r <= config.init_r
     names = [n for n, m in load_model("builtin:tiny-llama").named_modules() if isinstance(m, nn.Linear)]
-    targeted = [n for n in names if any(rule.matches(n) for rule in ruleset.rules)]
+    targeted = [n for n in names if targets(ruleset, n)]
     assert len(targeted) == 2 * 7 and "lm_head" not in targeted
 
 

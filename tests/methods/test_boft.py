@@ -4,9 +4,6 @@ and geometry errors, and parity with PEFT 0.21.2's BOFT layers (one butterfly fa
 CPU, and several with a pure-torch stand-in for PEFT's CUDA block-diagonal kernel)."""
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import itertools
 
 import peft
@@ -18,62 +15,18 @@ from hypothesis import strategies as st
 from peft.tuners.boft import layer as peft_boft
 from torch import nn
 
-import rewriter
 from rewriter.errors import ConfigError
 from rewriter.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.methods.boft import BOFTConfig, BOFTModule
-from rewriter.models import BUILTINS
-from rewriter.sites import Site
-from rewriter.tolerance import matmul_tolerance, output_tolerance
+from rewriter.testing import make_site
+from rewriter.tolerance import matmul_tolerance
+from shared import (RULES_DIR, add_ready_adapter, assert_active_adapter_is_exact_noop, assert_forward_equals_fold,
+                    assert_tiny_llama_peft_both_ways, clone_weights, config_error, draw_site_tensors,
+                    largest_scale, load_peft_layer, peft_tiny, seeded_lora, stack_tolerance)
 
 SPEC = get_method("boft")
-DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
-
-
-def make_site(in_features, out_features, dtype=torch.float32, name="layers.0.self_attn.q_proj"):
-    return Site(name=name, weight=f"{name}.weight", bias=f"{name}.bias", op="linear", in_features=in_features,
-                out_features=out_features, layer=0, dtype=dtype, nodes=("linear",))
-
-
-def affine_tolerance(x, weight, bias, dtype):
-    """matmul_tolerance of ``x W^T + b``, with the bias as one more input column."""
-    x = torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], -1)
-    bias = bias if bias is not None else torch.zeros(weight.shape[0])
-    return matmul_tolerance(x, torch.cat([weight.float(), bias.float()[:, None]], 1), dtype)
-
-
-def stack_tolerance(x, weight, bias, modules, dtype=None):
-    """Allowed |unmerged - merged|: the unmerged forward computes every partial fold
-    ``x W_k^T + b_k`` (``W_k = f_k(...f_1(W))``) on the way, rounded in the dtype, and the
-    output scales above level k amplify its error by at most their largest factor (rotations
-    and additive levels do not)."""
-    dtype = dtype or x.dtype
-    w, b = weight.float(), (bias.float() if bias is not None else None)
-    total, gain = affine_tolerance(x, w, b, dtype), 1.0
-    with torch.no_grad():
-        for module in modules:
-            w, b = module.fold(w, b)
-            total += affine_tolerance(x, w, b, dtype)
-            gain *= max(1.0, module.boft_s.abs().max().item()) if isinstance(module, BOFTModule) else 1.0
-    return gain * total
-
-
-def assert_forward_equals_fold(x, weight, bias, modules, conv1d=False):
-    """Unmerged == merged for a ``[out, in]`` weight, also stored as GPT-2 Conv1D ``[in, out]``."""
-    tol = stack_tolerance(x, weight, bias, modules)
-    stored = weight.t().contiguous() if conv1d else weight
-    unmerged = run_site(x, stored, bias, modules, fan_in_fan_out=conv1d)
-    merged_w, merged_b = fold_site(stored, bias, modules, fan_in_fan_out=conv1d)
-    merged = F.linear(x, merged_w.t() if conv1d else merged_w, merged_b)
-    assert unmerged.dtype == x.dtype
-    assert (unmerged.float() - merged.float()).abs().max().item() <= tol
-    return unmerged, tol
-
-
-def lora(site, seed):
-    torch.manual_seed(seed)
-    return get_method("lora").module_cls(site, get_method("lora").make_config({"r": 2, "init_lora_weights": False}))
+BOFT_SCALE = largest_scale(BOFTModule, "boft_s")  # the scales amplify the rounding errors below
 
 
 def boft(site, seed, **params):
@@ -129,23 +82,17 @@ def geometry_params(draw, geometry):
 @st.composite
 def site_inputs(draw):
     geometry = draw(geometries())
-    in_f, out_f = geometry[0] * geometry[1], draw(st.integers(1, 16))
-    dtype = draw(DTYPES)
-    seed = draw(st.integers(0, 2**16))
-    torch.manual_seed(seed)
-    weight = torch.randn(out_f, in_f).to(dtype)
-    bias = torch.randn(out_f).to(dtype) if draw(st.booleans()) else None
-    x = torch.randn(draw(st.integers(1, 3)), 3, in_f).to(dtype)
-    return make_site(in_f, out_f, dtype), geometry, x, weight, bias, seed
+    site, x, weight, bias, seed = draw_site_tensors(draw, geometry[0] * geometry[1], draw(st.integers(1, 16)))
+    return site, geometry, x, weight, bias, seed
 
 
 @given(st.data(), site_inputs(), st.sampled_from(["boft+boft", "boft+lora", "lora+boft"]), st.booleans())
 def test_forward_equals_fold_for_stacks(data, inputs, stack, conv1d):
     site, geometry, x, weight, bias, seed = inputs
     modules = [boft(site, seed + k, **geometry_params(data.draw, geometry)).eval() if kind == "boft"
-               else lora(site, seed + k) for k, kind in enumerate(stack.split("+"))]
-    assert_forward_equals_fold(x, weight, bias, modules, conv1d)
-    assert_forward_equals_fold(x, weight, bias, modules[::-1], conv1d)
+               else seeded_lora(site, seed + k) for k, kind in enumerate(stack.split("+"))]
+    assert_forward_equals_fold(x, weight, bias, modules, conv1d, BOFT_SCALE)
+    assert_forward_equals_fold(x, weight, bias, modules[::-1], conv1d, BOFT_SCALE)
 
 
 @pytest.mark.parametrize("second", ["boft", "lora"])
@@ -154,9 +101,9 @@ def test_stack_order_matters(second):
     site = make_site(16, 8)
     x, weight, bias = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
     modules = [boft(site, 1, boft_block_size=2, boft_n_butterfly_factor=3),
-               boft(site, 2, boft_block_size=4) if second == "boft" else lora(site, 2)]
-    forward, tol = assert_forward_equals_fold(x, weight, bias, modules)
-    backward, tol_backward = assert_forward_equals_fold(x, weight, bias, modules[::-1])
+               boft(site, 2, boft_block_size=4) if second == "boft" else seeded_lora(site, 2)]
+    forward, tol = assert_forward_equals_fold(x, weight, bias, modules, scale_of=BOFT_SCALE)
+    backward, tol_backward = assert_forward_equals_fold(x, weight, bias, modules[::-1], scale_of=BOFT_SCALE)
     assert (forward - backward).abs().max().item() > 100 * (tol + tol_backward)
 
 
@@ -198,7 +145,7 @@ def test_zero_init_is_exactly_the_base_layer(data, inputs):
 @given(st.data(), site_inputs())
 def test_only_boft_parameters_get_gradients(data, inputs):
     site, geometry, x, weight, bias, seed = inputs
-    frozen = lora(site, seed)
+    frozen = seeded_lora(site, seed)
     frozen.requires_grad_(False)
     module = boft(site, seed, **geometry_params(data.draw, geometry))
     run_site(x, weight, bias, [frozen, module]).float().sum().backward()
@@ -244,9 +191,7 @@ def test_random_init_is_peft_normal():
     ({"block_sise": 4}, "block_sise"),
 ])
 def test_config_errors_name_the_field(params, field):
-    with pytest.raises(ConfigError) as info:
-        SPEC.make_config(params)
-    assert info.value.field == field
+    assert config_error(lambda: SPEC.make_config(params)).field == field
 
 
 def test_defaults_and_aliases_follow_peft():
@@ -288,40 +233,18 @@ def test_geometry_is_accepted_exactly_when_peft_accepts_it(butterfly_peft):
 
 # ---- parity with PEFT 0.21.2 ---------------------------------------------------------------
 
-class Tiny(nn.Module):
-    def __init__(self, features):
-        super().__init__()
-        self.q_proj = nn.Linear(features, 10)
-        self.v_proj = nn.Linear(features, 7, bias=False)
-
-    def forward(self, x):
-        return self.q_proj(x) + self.v_proj(x).sum(-1, keepdim=True)
-
-
 def peft_model(dtype, features, params, adapters=("default",)):
-    torch.manual_seed(0)
     config = peft.BOFTConfig(target_modules=["q_proj", "v_proj"], init_weights=False, **params)
-    model = peft.get_peft_model(Tiny(features).to(dtype), config, adapter_name=adapters[0])
-    for name in adapters[1:]:
-        model.add_adapter(name, config)
-    return model
+    return peft_tiny(config, dtype, adapters, features)
 
 
 def our_module(model, name, adapter, dtype, params):
     """Our module for layer ``name``, loaded from PEFT's saved tensors through ``peft_keys``."""
     layer = getattr(model.base_model.model, name)
-    module = BOFTModule(make_site(layer.in_features, layer.out_features, dtype, name), SPEC.make_config(params))
-    saved = peft.get_peft_model_state_dict(model, adapter_name=adapter)
-    prefix = f"base_model.model.{name}."
-    ours = {SPEC.peft_keys[k[len(prefix):]]: v for k, v in saved.items() if k.startswith(prefix)}
-    assert set(ours) == set(module.state_dict())  # a PEFT checkpoint loads with no missing or extra keys
-    module.load_state_dict(ours, strict=True)
+    module = BOFTModule(make_site(layer.in_features, layer.out_features, dtype=dtype, name=name),
+                        SPEC.make_config(params))
+    load_peft_layer(module, SPEC, peft.get_peft_model_state_dict(model, adapter_name=adapter), name)
     return layer, module.eval()
-
-
-def base_tensors(layer):
-    bias = layer.base_layer.bias
-    return layer.base_layer.weight.detach().clone(), (bias.detach().clone() if bias is not None else None)
 
 
 def assert_layer_parity(model, dtype, params, adapters=("default",)):
@@ -330,10 +253,10 @@ def assert_layer_parity(model, dtype, params, adapters=("default",)):
     for name in ("q_proj", "v_proj"):
         modules = [our_module(model, name, adapter, dtype, params)[1] for adapter in adapters]
         layer = getattr(model.base_model.model, name)
-        weight, bias = base_tensors(layer)
+        weight, bias = clone_weights(layer.base_layer)
         with torch.no_grad():
             expected = layer(x)
-        tol = stack_tolerance(x, weight, bias, modules, dtype)
+        tol = stack_tolerance(x, weight, bias, modules, dtype, BOFT_SCALE)
         assert (run_site(x, weight, bias, modules).float() - expected.float()).abs().max().item() <= tol
         layer.merge()
         rotation, scale = torch.eye(features), torch.ones(layer.out_features, 1)
@@ -387,42 +310,15 @@ def test_peft_parity_two_active_adapters(butterfly_peft, dtype):
 
 # ---- whole model: a tiny Llama ----------------------------------------------------------------
 
-RULES = Path(__file__).resolve().parents[2] / "rules" / "boft-llama.toml"
+RULES = RULES_DIR / "boft-llama.toml"
 SITES = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]  # PEFT's Llama targets
-
-
-def logits_of(output):
-    return output.logits if hasattr(output, "logits") else output[0]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_tiny_llama_peft_checkpoint_both_ways_merge_and_rule_file(tmp_path):
-    torch.manual_seed(0)
-    model, ids = BUILTINS["tiny-llama"]().eval(), torch.randint(0, 512, (2, 7))
     config = peft.BOFTConfig(boft_block_size=4, init_weights=False)
-    theirs = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    with torch.no_grad():
-        expected = theirs(input_ids=ids).logits
-    theirs.save_pretrained(tmp_path / "peft")
-    adapted = rewriter.load_adapter(copy.deepcopy(model), tmp_path / "peft", example_inputs={"input_ids": ids})
+    adapted, ids = assert_tiny_llama_peft_both_ways(tmp_path, config)
     assert sorted(adapted.adapters["default"].modules) == SITES
-    tol = output_tolerance(expected, torch.float32, depth=2)
-    with torch.no_grad():
-        unmerged = logits_of(adapted(input_ids=ids))
-        assert (unmerged - expected).abs().max().item() <= tol
-        adapted.merge()
-        assert (logits_of(adapted(input_ids=ids)) - expected).abs().max().item() <= tol
-        adapted.unmerge()
-        assert torch.equal(logits_of(adapted(input_ids=ids)), unmerged)
-    adapted.save_adapter(tmp_path / "ours", format="peft")  # and back into PEFT
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        assert (again(input_ids=ids).logits - expected).abs().max().item() <= tol
-    adapted.add_adapter(RULES, "ready")  # the ready rule file: an exact no-op at init
-    adapted.set_adapter("ready")
-    assert {s: (m.block_size, m.n_factors) for s, m in adapted.adapters["ready"].modules.items()} == dict.fromkeys(
-        SITES, (4, 2))
-    with torch.no_grad(), adapted.disable_adapters():
-        base = logits_of(adapted(input_ids=ids))
-    with torch.no_grad():
-        assert torch.equal(logits_of(adapted(input_ids=ids)), base)
+    modules = add_ready_adapter(adapted, RULES, "ready")  # the ready rule file: an exact no-op at init
+    assert {s: (m.block_size, m.n_factors) for s, m in modules.items()} == dict.fromkeys(SITES, (4, 2))
+    assert_active_adapter_is_exact_noop(adapted, ids)

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
-from pathlib import Path
 
 import peft
 import pytest
@@ -20,27 +17,15 @@ from rewriter.errors import ConfigError
 from rewriter.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.adapted import Adapted
-from rewriter.testing import make_site, site_merge_error
-from rewriter.tolerance import matmul_tolerance, output_tolerance
+from rewriter.rules import load_rules
+from rewriter.testing import make_site
+from rewriter.tolerance import output_tolerance
+from shared import (DTYPES, RULES_DIR, assert_config_fields_are_peft_fields, assert_gradients_reach_every_parameter,
+                    assert_merged_like_peft, build_module, config_error, config_from_peft, load_peft_layer, max_error,
+                    merge_tolerance, seeded_site_tensors, stack_of, targets)
 
 SPEC = get_method("fourierft")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-RULES = Path(__file__).resolve().parents[2] / "rules" / "fourierft-llama.toml"
-
-
-def build(method, site, **params):
-    spec = get_method(method)
-    return spec.module_cls(site, spec.make_config(params))
-
-
-def tolerance(x, weight, bias, modules):
-    """The house tolerance for one site (``weight [out, in]``): matmul_tolerance over the
-    magnitudes of every term the two computations add up."""
-    return site_merge_error(x, weight, bias, modules)[1]
-
-
-def max_err(a, b):
-    return (a.float() - b.float()).abs().max().item()
+RULES = RULES_DIR / "fourierft-llama.toml"
 
 
 # ---- site-level properties -----------------------------------------------------------------
@@ -59,19 +44,13 @@ def cases(draw):
 
 
 def setup(case):
-    torch.manual_seed(case["seed"])
-    in_f, out_f, dtype = case["in_features"], case["out_features"], case["dtype"]
-    site = make_site(in_f, out_f, dtype=dtype, op="conv1d" if case["conv1d"] else "linear")
-    weight = (torch.randn(out_f, in_f) / math.sqrt(in_f)).to(dtype)  # [out, in]
-    bias = (torch.randn(out_f) * 0.1).to(dtype) if case["bias"] else None
-    x = torch.randn(*case["batch"], in_f).to(dtype)
-    fourier = build("fourierft", site, n_frequency=case["n_frequency"], scaling=case["scaling"],
-                    random_loc_seed=case["loc_seed"])
-    second = build("fourierft", site, n_frequency=case["second_n"], scaling=90.0, random_loc_seed=case["seed"])
-    lora = build("lora", site, r=case["lora_r"], init_lora_weights=False)
-    modules = {"single": [fourier], "twice": [fourier, second], "lora_below": [lora, fourier],
-               "lora_above": [fourier, lora]}[case["stack"]]
-    return site, x, weight, bias, modules
+    site, x, weight, bias = seeded_site_tensors(case, op="conv1d" if case["conv1d"] else "linear")
+    fourier = build_module("fourierft", site, n_frequency=case["n_frequency"], scaling=case["scaling"],
+                           random_loc_seed=case["loc_seed"])
+    second = build_module("fourierft", site, n_frequency=case["second_n"], scaling=90.0,
+                          random_loc_seed=case["seed"])
+    lora = build_module("lora", site, r=case["lora_r"], init_lora_weights=False)
+    return site, x, weight, bias, stack_of(case["stack"], fourier, second, lora)
 
 
 def in_site_layout(site, weight):
@@ -88,13 +67,13 @@ def test_forward_equals_fold(case):
         merged_w = merged_w.t() if site.fan_in_fan_out else merged_w
         merged = F.linear(x, merged_w, merged_b)
     assert unmerged.dtype == merged.dtype == x.dtype
-    assert max_err(unmerged, merged) <= tolerance(x, weight, bias, modules)
+    assert max_error(unmerged, merged) <= merge_tolerance(x, weight, bias, modules)
 
 
 @given(cases())
 def test_zero_spectrum_is_exact_identity(case):
     site, x, weight, bias, _ = setup(case)
-    module = build("fourierft", site, n_frequency=case["n_frequency"], init_weights=True)
+    module = build_module("fourierft", site, n_frequency=case["n_frequency"], init_weights=True)
     assert not module.fourierft_spectrum.any()
     with torch.no_grad():
         assert torch.equal(run_site(x, weight, bias, [module]), F.linear(x, weight, bias))
@@ -107,20 +86,12 @@ def test_gradients_reach_only_the_spectrum(case):
     fourier = modules[0] if case["stack"] != "lora_below" else modules[1]
     assert [name for name, _ in fourier.named_parameters()] == ["fourierft_spectrum"]
     assert not fourier.indices.is_floating_point() and not fourier.indices.requires_grad
-    run_site(x, weight, bias, modules).float().square().sum().backward()
-    for module in modules:
-        for name, param in module.named_parameters():
-            assert param.grad is not None, name
-            assert torch.isfinite(param.grad).all(), name
-    assert fourier.fourierft_spectrum.grad.abs().sum() > 0
-    fourier.fourierft_spectrum.grad = None
-    fourier.fold(weight.float(), None)[0].sum().backward()  # the fold is differentiable too
-    assert fourier.fourierft_spectrum.grad is not None
+    assert_gradients_reach_every_parameter(x, weight, bias, modules, fourier, "fourierft_spectrum")
 
 
 def test_adapter_parameters_are_float32_and_rounded_like_the_base():
     torch.manual_seed(0)
-    module = build("fourierft", make_site(16, 8, dtype=torch.bfloat16), n_frequency=40)
+    module = build_module("fourierft", make_site(16, 8, dtype=torch.bfloat16), n_frequency=40)
     spectrum = module.fourierft_spectrum
     assert spectrum.dtype == torch.float32
     assert torch.equal(spectrum, spectrum.to(torch.bfloat16).float())
@@ -129,8 +100,8 @@ def test_adapter_parameters_are_float32_and_rounded_like_the_base():
 
 def test_locations_are_shared_by_layers_of_one_shape_and_follow_the_seed():
     site = make_site(12, 10, dtype=torch.float32)
-    a, b = build("fourierft", site, n_frequency=30), build("fourierft", site, n_frequency=30)
-    c = build("fourierft", site, n_frequency=30, random_loc_seed=1)
+    a, b = build_module("fourierft", site, n_frequency=30), build_module("fourierft", site, n_frequency=30)
+    c = build_module("fourierft", site, n_frequency=30, random_loc_seed=1)
     assert torch.equal(a.indices, b.indices) and not torch.equal(a.indices, c.indices)
     assert a.indices.unique().numel() == 30 and 0 <= a.indices.min() and a.indices.max() < 120
     assert set(a.state_dict()) == {"fourierft_spectrum"}  # locations are regenerated, never saved
@@ -150,10 +121,9 @@ def test_locations_are_shared_by_layers_of_one_shape_and_follow_the_seed():
     ({"fan_in_fan_out": 1}, "fan_in_fan_out"),
 ])
 def test_config_rejects_bad_values(params, field):
-    with pytest.raises(ConfigError) as info:
-        SPEC.make_config(params)
-    assert info.value.field == field
-    assert field in str(info.value)
+    error = config_error(lambda: SPEC.make_config(params))
+    assert error.field == field
+    assert field in str(error)
 
 
 def test_aliases_and_unknown_keys():
@@ -165,31 +135,24 @@ def test_aliases_and_unknown_keys():
 
 def test_n_frequency_larger_than_the_layer_names_site_and_sizes():
     site = make_site(6, 4, dtype=torch.float32, name="model.layers.3.mlp.down_proj")
-    build("fourierft", site, n_frequency=24)  # exactly in*out is allowed
-    with pytest.raises(ConfigError) as info:
-        build("fourierft", site, n_frequency=25)
-    message = str(info.value)
+    build_module("fourierft", site, n_frequency=24)  # exactly in*out is allowed
+    error = config_error(lambda: build_module("fourierft", site, n_frequency=25))
+    message = str(error)
     assert "model.layers.3.mlp.down_proj" in message and "25" in message and "24" in message
-    assert info.value.field == "n_frequency"
+    assert error.field == "n_frequency"
 
 
 def test_config_fields_are_peft_fields():
-    base = {f.name for f in dataclasses.fields(peft.PeftConfig)}
-    targeting = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-                 "n_frequency_pattern"}
-    peft_fields = {f.name for f in dataclasses.fields(peft.FourierFTConfig)} - base - targeting
-    assert set(SPEC.field_names()) == peft_fields
-    ours, theirs = SPEC.config_cls(), peft.FourierFTConfig()
-    assert all(getattr(ours, f) == getattr(theirs, f) for f in SPEC.field_names())  # same defaults
+    assert_config_fields_are_peft_fields(SPEC, peft.FourierFTConfig, {
+        "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+        "n_frequency_pattern"})
 
 
 def test_rule_file_loads():
-    from rewriter.rules import load_rules
-
     ruleset = load_rules(RULES)
     assert ruleset.method == "fourierft"
-    assert any(rule.matches("model.layers.7.self_attn.v_proj") for rule in ruleset.rules)
-    assert not any(rule.matches("model.layers.7.self_attn.k_proj") for rule in ruleset.rules)
+    assert targets(ruleset, "model.layers.7.self_attn.v_proj")
+    assert not targets(ruleset, "model.layers.7.self_attn.k_proj")
 
 
 # ---- parity with PEFT 0.21.2 ---------------------------------------------------------------
@@ -203,10 +166,6 @@ class TinyAttention(nn.Module):
 
     def forward(self, x):
         return self.q_proj(x), self.v_proj(x), self.c_proj(x)
-
-
-def our_config(peft_config):
-    return SPEC.make_config({name: getattr(peft_config, name) for name in SPEC.field_names()})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -228,13 +187,9 @@ def test_parity_with_peft(dtype):
         bias = layer.base_layer.bias.detach().clone() if layer.base_layer.bias is not None else None
         site = make_site(weight.shape[1], weight.shape[0], dtype=dtype, name=name,
                          op="conv1d" if conv1d else "linear")
-        module = SPEC.module_cls(site, our_config(config))
-
-        saved = {key.removeprefix(f"base_model.model.{name}."): value for key, value in state.items()
-                 if key.startswith(f"base_model.model.{name}.")}
-        assert {SPEC.peft_keys[key] for key in saved} == set(module.state_dict())
+        module = SPEC.module_cls(site, config_from_peft(SPEC, config))
+        saved = load_peft_layer(module, SPEC, state, name)
         assert len(saved) == len(module.state_dict())
-        module.load_state_dict({SPEC.peft_keys[key]: value for key, value in saved.items()}, strict=True)
         assert module.fourierft_spectrum.dtype == torch.float32
 
         rows, cols = layer.indices["default"]
@@ -243,18 +198,11 @@ def test_parity_with_peft(dtype):
             ours = run_site(x, layout, bias, [module], fan_in_fan_out=conv1d)
             theirs = layer(x)
         assert ours.dtype == theirs.dtype == dtype
-        assert max_err(ours, theirs) <= tolerance(x, weight, bias, [module])
+        assert max_error(ours, theirs) <= merge_tolerance(x, weight, bias, [module])
         expected[name] = fold_site(layout, bias, [module], fan_in_fan_out=conv1d)
 
     peft_model.merge_adapter()
-    for name, (merged_w, merged_b) in expected.items():
-        base = getattr(peft_model.base_model.model, name).base_layer
-        conv1d = isinstance(base, Conv1D)
-        as_out_in = (lambda w: w.t()) if conv1d else (lambda w: w)
-        identity = torch.eye(as_out_in(merged_w).shape[1])
-        assert base.weight.dtype == merged_w.dtype == dtype
-        assert max_err(base.weight, merged_w) <= matmul_tolerance(identity, as_out_in(merged_w).float(), dtype)
-        assert (base.bias is None) == (merged_b is None)
+    assert_merged_like_peft(peft_model, expected, dtype)
 
 
 # ---- whole model ---------------------------------------------------------------------------
@@ -270,18 +218,18 @@ def test_model_peft_checkpoint_round_trip(tmp_path, traced_models):
                                   random_loc_seed=99)
     peft_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
     expected = peft_model(input_ids=ids).logits
-    assert max_err(expected, base(input_ids=ids).logits) > 0.1  # a random spectrum changes the model
+    assert max_error(expected, base(input_ids=ids).logits) > 0.1  # a random spectrum changes the model
     tol = output_tolerance(expected, torch.float32, depth=base.config.num_hidden_layers)
     peft_model.save_pretrained(tmp_path / "peft")
 
     adapted = rewriter.load_adapter(Adapted(traced), tmp_path / "peft", low_cpu_mem_usage=True)
     unmerged = adapted(input_ids=ids).logits
-    assert max_err(unmerged, expected) <= tol
+    assert max_error(unmerged, expected) <= tol
     adapted.merge()
-    assert max_err(adapted(input_ids=ids).logits, expected) <= tol
+    assert max_error(adapted(input_ids=ids).logits, expected) <= tol
     adapted.unmerge()
     assert torch.equal(adapted(input_ids=ids).logits, unmerged)
 
     adapted.save_adapter(tmp_path / "ours", format="peft")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    assert max_err(reloaded(input_ids=ids).logits, expected) <= tol
+    assert max_error(reloaded(input_ids=ids).logits, expected) <= tol

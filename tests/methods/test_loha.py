@@ -1,89 +1,34 @@
 """LoHa: site-level properties, layer- and model-level parity with PEFT 0.21.2, the rule file."""
 from __future__ import annotations
 
-import copy
-import dataclasses
-from pathlib import Path
-
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
-from hypothesis import strategies as st
-from safetensors.torch import load_file
 from torch import nn
 
-import rewriter
 from rewriter.errors import ConfigError
-from rewriter.graph import fold_site, run_site
+from rewriter.graph import run_site
 from rewriter.methods import get_method
-from rewriter.methods.lora import LoraConfig, LoraModule
 from rewriter.methods.loha import LoHaConfig, LoHaModule
-from rewriter.sites import Site
-from rewriter.tolerance import ROUNDINGS, matmul_tolerance, output_tolerance, unit_roundoff
+from rewriter.testing import make_site
+from shared import (LLAMA_NAMES, assert_additive_forward_equals_fold, assert_dropout_draws_match_peft,
+                    assert_dropouts_are_no_ops_in_eval, assert_exact_noop, assert_layers_match_peft,
+                    assert_only_adapter_gets_gradients, assert_peft_round_trip_on_decoder, base_layer,
+                    build_lycoris_stack, config_error, lycoris_cases, peft_twins, ready_llama_rules)
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-STACKS = ["single", "two", "lora_below", "lora_above"]  # adapters bottom to top
 SPEC = get_method("loha")
 
 
-def make_site(in_features: int, out_features: int, dtype: torch.dtype, name: str = "q_proj") -> Site:
-    return Site(name=name, weight=f"{name}.weight", bias=f"{name}.bias", op="linear", in_features=in_features,
-                out_features=out_features, layer=None, dtype=dtype, nodes=())
-
-
-def folded_fp32(weight, bias, modules):
-    """The stack's effective (W, b) in float32, before the final rounding to the base dtype."""
-    w, b = weight.float(), (bias.float() if bias is not None else None)
-    for m in modules:
-        w, b = m.fold(w, b)
-    return w.detach(), (b.detach() if b is not None else None)
-
-
-def site_tolerance(x, weight, bias, modules, dtype):
-    """matmul_tolerance for y = x W_effᵀ + b_eff, sized by the magnitude of the terms the two forms
-    sum: the fold of |W| by copies of the (additive) modules with |parameters|, i.e. |W| + Σ|ΔW_k|
-    with every product inside ΔW_k taken in absolute value.  The bias is one more input column."""
-    magnitudes = [copy.deepcopy(m) for m in modules]
-    with torch.no_grad():
-        for m in magnitudes:
-            for p in m.parameters():
-                p.abs_()
-    w, b = folded_fp32(weight.abs(), None if bias is None else bias.abs(), magnitudes)
-    if b is not None:
-        x = torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], -1)
-        w = torch.cat([w, b[:, None]], 1)
-    return matmul_tolerance(x, w, dtype)
-
-
-def base_layer(in_f, out_f, with_bias, dtype):
-    weight = (torch.randn(out_f, in_f) / in_f ** 0.5).to(dtype)
-    bias = (torch.randn(out_f) / in_f ** 0.5).to(dtype) if with_bias else None
-    return weight, bias
-
-
-@st.composite
-def cases(draw):
-    return dict(
-        in_f=draw(st.integers(1, 40)), out_f=draw(st.integers(1, 40)), r=draw(st.integers(1, 8)),
-        alpha=draw(st.sampled_from([1, 4, 8.0, 16, 0.5])), dtype=draw(st.sampled_from(DTYPES)),
-        bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)), batch=draw(st.integers(1, 5)),
-        stack=draw(st.sampled_from(STACKS)))
+def cases():
+    return lycoris_cases(max_features=40)
 
 
 def build(case, stack: str):
     """Base weights and a stack of non-trivial adapters, bottom to top."""
-    torch.manual_seed(case["seed"])
-    site = make_site(case["in_f"], case["out_f"], case["dtype"])
-    weight, bias = base_layer(case["in_f"], case["out_f"], case["bias"], case["dtype"])
     cfg = LoHaConfig(r=case["r"], alpha=case["alpha"], init_weights=False)
-    loha = lambda: LoHaModule(site, cfg)  # noqa: E731
-    lora = lambda: LoraModule(site, LoraConfig(r=3, lora_alpha=6, init_lora_weights=False))  # noqa: E731
-    modules = {"single": lambda: [loha()], "two": lambda: [loha(), loha()],
-               "lora_below": lambda: [lora(), loha()], "lora_above": lambda: [loha(), lora()]}[stack]()
-    x = torch.randn(case["batch"], 2, case["in_f"]).to(case["dtype"])
-    return x, weight, bias, modules
+    return build_lycoris_stack(case, stack, lambda site: LoHaModule(site, cfg))
 
 
 # ---- site-level properties --------------------------------------------------------------------
@@ -91,58 +36,34 @@ def build(case, stack: str):
 @given(case=cases())
 def test_forward_equals_fold(case):
     x, weight, bias, modules = build(case, case["stack"])
-    unmerged = run_site(x, weight, bias, modules)
-    merged = F.linear(x, *fold_site(weight, bias, modules))
-    assert unmerged.dtype == merged.dtype == case["dtype"]
-    tol = site_tolerance(x, weight, bias, modules, case["dtype"])
-    assert (unmerged.float() - merged.float()).abs().max().item() <= tol
+    assert_additive_forward_equals_fold(x, weight, bias, modules, case["dtype"])
 
 
 @given(case=cases())
 def test_default_init_is_exactly_the_base(case):
     x, weight, bias, (lora, _) = build(case, "lora_below")
-    noop = LoHaModule(make_site(case["in_f"], case["out_f"], case["dtype"]), LoHaConfig(r=case["r"]))
-    assert torch.equal(run_site(x, weight, bias, [noop]), F.linear(x, weight, bias))
-    assert torch.equal(run_site(x, weight, bias, [lora, noop]), run_site(x, weight, bias, [lora]))
-    folded_w, folded_b = fold_site(weight, bias, [noop])
-    assert torch.equal(folded_w, weight)
-    assert folded_b is None or torch.equal(folded_b, bias)
+    noop = LoHaModule(make_site(case["in_f"], case["out_f"], dtype=case["dtype"]), LoHaConfig(r=case["r"]))
+    assert_exact_noop(x, weight, bias, lora, noop)
 
 
 @given(case=cases())
 def test_only_adapter_parameters_get_gradients(case):
     x, weight, bias, (frozen_lora, loha) = build(case, "lora_below")
-    frozen_lora.requires_grad_(False)
-    loss = run_site(x, weight, bias, [frozen_lora, loha]).float().square().sum()
-    loss.backward()
-    assert all(p.grad is None for p in frozen_lora.parameters())
-    assert weight.grad is None and (bias is None or bias.grad is None)
-    for name, p in loha.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    # fold is differentiable too (it is the same function on the weight)
-    loha.zero_grad(set_to_none=True)
-    folded_w, _ = loha.fold(weight.float(), None)
-    folded_w.square().sum().backward()
-    assert all(p.grad is not None for p in loha.parameters())
+    assert_only_adapter_gets_gradients(x, weight, bias, frozen_lora, loha)
 
 
 def test_factored_and_dense_forms_both_used():
-    assert LoHaModule(make_site(48, 40, torch.float32), LoHaConfig(r=4)).factored
-    assert not LoHaModule(make_site(48, 40, torch.float32), LoHaConfig(r=6)).factored
+    assert LoHaModule(make_site(48, 40), LoHaConfig(r=4)).factored
+    assert not LoHaModule(make_site(48, 40), LoHaConfig(r=6)).factored
 
 
 @given(case=cases())
 def test_dropouts_are_no_ops_in_eval(case):
-    x, weight, bias, (plain,) = build(case, "single")
-    cfg = dataclasses.replace(plain.config, rank_dropout=0.5, module_dropout=0.5)
-    dropped = LoHaModule(make_site(case["in_f"], case["out_f"], case["dtype"]), cfg)
-    dropped.load_state_dict(plain.state_dict())
-    dropped.eval()
-    assert torch.equal(run_site(x, weight, bias, [dropped]), run_site(x, weight, bias, [plain]))
+    assert_dropouts_are_no_ops_in_eval(case, build, rank_dropout=0.5, module_dropout=0.5)
 
 
 def test_module_dropout_in_training_skips_the_whole_adapter():
-    site = make_site(12, 10, torch.float32)
+    site = make_site(12, 10)
     module = LoHaModule(site, LoHaConfig(r=2, module_dropout=0.5, init_weights=False)).train()
     weight, bias = base_layer(12, 10, True, torch.float32)
     x = torch.randn(3, 12)
@@ -156,7 +77,7 @@ def test_module_dropout_in_training_skips_the_whole_adapter():
 
 
 def test_rank_dropout_dropping_every_row_gives_zero_update_not_nan():
-    site = make_site(6, 4, torch.float32)
+    site = make_site(6, 4)
     module = LoHaModule(site, LoHaConfig(r=2, rank_dropout=0.999999, init_weights=False)).train()
     weight, bias = base_layer(6, 4, False, torch.float32)
     x = torch.randn(2, 6)
@@ -170,9 +91,8 @@ def test_rank_dropout_dropping_every_row_gives_zero_update_not_nan():
     ("init_weights", 1),
 ])
 def test_config_validation(field, value):
-    with pytest.raises(ConfigError) as err:
-        LoHaConfig(**{field: value})
-    assert err.value.field == field and field in str(err.value)
+    error = config_error(lambda: LoHaConfig(**{field: value}))
+    assert error.field == field and field in str(error)
 
 
 def test_rule_parameters_and_aliases():
@@ -193,23 +113,8 @@ class TinyAttention(nn.Module):
 
 def peft_pair(dtype, r, **options):
     """A PEFT-adapted TinyAttention and our modules loaded from PEFT's saved tensors."""
-    model = TinyAttention().to(dtype)
-    base = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-            for n, m in model.named_children()}
-    peft_model = peft.get_peft_model(model, peft.LoHaConfig(target_modules=["q_proj", "v_proj"], r=r, alpha=6,
-                                                            init_weights=False, **options))
-    saved = peft.get_peft_model_state_dict(peft_model)
-    ours = {}
-    for name, (weight, _) in base.items():
-        module = LoHaModule(make_site(weight.shape[1], weight.shape[0], dtype, name),
-                            LoHaConfig(r=r, alpha=6, **options))
-        prefix = f"base_model.model.{name}."
-        layer_keys = {k[len(prefix):] for k in saved if k.startswith(prefix)}
-        # one to one: every key PEFT saves is one of our parameters and vice versa
-        assert {SPEC.peft_keys[k] for k in layer_keys} == set(module.state_dict())
-        module.load_state_dict({SPEC.peft_keys[k]: saved[prefix + k] for k in layer_keys}, strict=True)
-        ours[name] = module
-    return peft_model, base, ours
+    config = peft.LoHaConfig(target_modules=["q_proj", "v_proj"], r=r, alpha=6, init_weights=False, **options)
+    return peft_twins(TinyAttention().to(dtype), config, SPEC, LoHaConfig(r=r, alpha=6, **options))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -217,40 +122,13 @@ def peft_pair(dtype, r, **options):
 def test_matches_peft_forward_and_merge(dtype, r):
     torch.manual_seed(r)
     peft_model, base, ours = peft_pair(dtype, r)
-    layers = peft_model.base_model.model
-    x = torch.randn(3, 5, 48).to(dtype)
-    for name, (weight, bias) in base.items():
-        expected = getattr(layers, name)(x)
-        got = run_site(x, weight, bias, [ours[name]])
-        assert got.dtype == expected.dtype == dtype
-        tol = site_tolerance(x, weight, bias, [ours[name]], dtype)
-        assert (got.float() - expected.float()).abs().max().item() <= tol
-    peft_model.merge_adapter()
-    for name, (weight, bias) in base.items():
-        merged = getattr(layers, name).base_layer.weight
-        folded, _ = fold_site(weight, bias, [ours[name]])
-        assert folded.dtype == merged.dtype == dtype
-        rounding_bound = ROUNDINGS * unit_roundoff(dtype) * merged.float().abs()
-        assert ((folded.float() - merged.float()).abs() <= rounding_bound).all()
+    assert_layers_match_peft(peft_model, base, ours, torch.randn(3, 5, 48).to(dtype), dtype)
 
 
 def test_matches_peft_training_dropouts_draw_for_draw():
     torch.manual_seed(0)
     peft_model, base, ours = peft_pair(torch.float32, 3, rank_dropout=0.5, module_dropout=0.3)
-    layer = peft_model.base_model.model.q_proj.train()
-    module = ours["q_proj"].train()
-    weight, bias = base["q_proj"]
-    x = torch.randn(4, 48)
-    tol = site_tolerance(x, weight, bias, [module], torch.float32)
-    outputs = set()
-    for seed in range(8):
-        torch.manual_seed(seed)
-        expected = layer(x)
-        torch.manual_seed(seed)
-        got = run_site(x, weight, bias, [module])
-        assert (got - expected).abs().max().item() <= tol
-        outputs.add(round(got.sum().item(), 3))
-    assert len(outputs) > 2  # the draws really changed the output
+    assert_dropout_draws_match_peft(peft_model, base, ours)
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
@@ -261,7 +139,7 @@ def test_seeded_init_matches_peft(init_weights, dtype):
     torch.manual_seed(7)
     peft_model = peft.get_peft_model(model, peft.LoHaConfig(target_modules=["q_proj"], r=3, init_weights=init_weights))
     torch.manual_seed(7)
-    module = LoHaModule(make_site(20, 12, dtype), LoHaConfig(r=3, init_weights=init_weights))
+    module = LoHaModule(make_site(20, 12, dtype=dtype), LoHaConfig(r=3, init_weights=init_weights))
     saved = peft.get_peft_model_state_dict(peft_model)
     for key, name in SPEC.peft_keys.items():
         assert torch.equal(saved[f"base_model.model.q_proj.{key}"], getattr(module, name)), key
@@ -269,67 +147,13 @@ def test_seeded_init_matches_peft(init_weights, dtype):
 
 # ---- whole model: rule file, PEFT checkpoint round trip, merge ----------------------------------
 
-RULES = Path(__file__).resolve().parents[2] / "rules" / "loha-llama.toml"
-LLAMA_NAMES = [f"model.layers.{i}.{p}" for i in range(2) for p in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
-
-
 def test_rule_file_targets_llama_projections():
-    ruleset = rewriter.load_rules(RULES)
+    ruleset, targeted = ready_llama_rules("loha")
     assert ruleset.method == "loha"
     assert SPEC.make_config(ruleset.params) == LoHaConfig(r=8, alpha=8)
-    targeted = [n for n in LLAMA_NAMES if any(rule.matches(n) for rule in ruleset.rules)]
     assert targeted == [n for n in LLAMA_NAMES if "self_attn" in n]
-
-
-class Decoder(nn.Module):
-    """Llama-like names (``model.layers.<i>.self_attn.q_proj``), a plain tensor output."""
-
-    def __init__(self, layers=2, hidden=16):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleList(nn.Module() for _ in range(layers))
-        for layer in self.model.layers:
-            layer.self_attn = nn.Module()
-            layer.self_attn.q_proj = nn.Linear(hidden, hidden)
-            layer.self_attn.v_proj = nn.Linear(hidden, hidden, bias=False)
-
-    def forward(self, x):
-        for layer in self.model.layers:
-            x = x + layer.self_attn.v_proj(torch.tanh(layer.self_attn.q_proj(x)))
-        return x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_peft_checkpoint_round_trip_on_a_model(tmp_path, dtype):
-    """PEFT checkpoint (with rank and alpha patterns) -> rewriter: same outputs, unmerged and
-    merged; rewriter -> PEFT format: the same tensors, and PEFT reproduces our outputs."""
-    torch.manual_seed(11)
-    model = Decoder().to(dtype)
-    twin, fresh = copy.deepcopy(model), copy.deepcopy(model)
-    x = torch.randn(3, 16).to(dtype)
-    config = peft.LoHaConfig(target_modules=["q_proj", "v_proj"], r=2, alpha=4, init_weights=False,
-                                rank_pattern={r"layers\.0\.self_attn\.q_proj": 3}, alpha_pattern={"v_proj": 6})
-    peft_model = peft.get_peft_model(twin, config)
-    peft_model.save_pretrained(tmp_path / "peft")
-    adapted = rewriter.load_adapter(model, tmp_path / "peft", example_inputs=(x,))
-    modules = adapted.adapters["default"].modules
-    assert {site: (m.config.r, m.config.alpha) for site, m in modules.items()} == {
-        "model.layers.0.self_attn.q_proj": (3, 4), "model.layers.0.self_attn.v_proj": (2, 6),
-        "model.layers.1.self_attn.q_proj": (2, 4), "model.layers.1.self_attn.v_proj": (2, 6)}
-    with torch.no_grad():
-        theirs, ours = peft_model(x), adapted(x)
-        tol = output_tolerance(theirs, dtype, depth=4)
-        assert (ours.float() - theirs.float()).abs().max().item() <= tol
-        adapted.merge()
-        assert (adapted(x).float() - theirs.float()).abs().max().item() <= tol
-        adapted.unmerge()
-    adapted.save_adapter(tmp_path / "ours", format="peft")
-    original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert saved.keys() == original.keys()
-    assert all(torch.equal(saved[k], original[k]) for k in saved)
-    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours")
-    with torch.no_grad():
-        assert (reloaded(x).float() - ours.float()).abs().max().item() <= tol
+    assert_peft_round_trip_on_decoder(tmp_path, dtype, peft.LoHaConfig)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-from pathlib import Path
 
 import peft
 import pytest
@@ -15,23 +13,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rewriter
-from rewriter.errors import ConfigError, MergeError
+from rewriter.errors import MergeError
 from rewriter.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.methods.miss import MissBalanceModule, MissBatModule, MissMiniModule, MissModule
 from rewriter.adapted import Adapted
-from rewriter.testing import make_site, site_merge_error
+from rewriter.rules import load_rules
+from rewriter.testing import make_site
 from rewriter.tolerance import matmul_tolerance, output_tolerance
+from shared import (DTYPES, RULES_DIR, assert_config_fields_are_peft_fields, assert_gradients_reach_every_parameter,
+                    assert_merged_like_peft, build_module, config_error, config_from_peft, load_peft_layer, max_error,
+                    merge_tolerance, seeded_site_tensors, stack_of, targets)
 
 SPEC = get_method("miss")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = [True, False, "mini", "bat"]
-RULES = Path(__file__).resolve().parents[2] / "rules" / "miss-llama.toml"
-
-
-def build(method, site, **params):
-    spec = get_method(method)
-    return spec.module_cls(site, spec.make_config(params))
+RULES = RULES_DIR / "miss-llama.toml"
 
 
 @torch.no_grad()
@@ -40,16 +36,6 @@ def randomize(module, scale=0.3):
     for param in module.parameters():
         param.copy_(torch.randn_like(param) * scale)
     return module
-
-
-def tolerance(x, weight, bias, modules):
-    """The house tolerance for one site (``weight [out, in]``): matmul_tolerance over the
-    magnitudes of every term the two computations add up."""
-    return site_merge_error(x, weight, bias, modules)[1]
-
-
-def max_err(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 # ---- site-level properties -----------------------------------------------------------------
@@ -75,19 +61,12 @@ def cases(draw):
 
 
 def setup(case):
-    torch.manual_seed(case["seed"])
-    in_f, out_f, dtype = case["in_features"], case["out_features"], case["dtype"]
-    site = make_site(in_f, out_f, dtype=dtype)
-    weight = (torch.randn(out_f, in_f) / math.sqrt(in_f)).to(dtype)
-    bias = (torch.randn(out_f) * 0.1).to(dtype) if case["bias"] else None
-    x = torch.randn(*case["batch"], in_f).to(dtype)
-    miss = randomize(build("miss", site, r=case["r"], mini_r=case["mini_r"], init_weights=case["variant"]))
+    site, x, weight, bias = seeded_site_tensors(case)
+    miss = randomize(build_module("miss", site, r=case["r"], mini_r=case["mini_r"], init_weights=case["variant"]))
     # mini_r = 1 divides every out_features
-    second = randomize(build("miss", site, r=case["second_r"], mini_r=1, init_weights=case["second"]))
-    lora = build("lora", site, r=case["lora_r"], init_lora_weights=False)
-    modules = {"single": [miss], "twice": [miss, second], "lora_below": [lora, miss],
-               "lora_above": [miss, lora]}[case["stack"]]
-    return site, x, weight, bias, modules
+    second = randomize(build_module("miss", site, r=case["second_r"], mini_r=1, init_weights=case["second"]))
+    lora = build_module("lora", site, r=case["lora_r"], init_lora_weights=False)
+    return site, x, weight, bias, stack_of(case["stack"], miss, second, lora)
 
 
 @given(cases())
@@ -97,12 +76,12 @@ def test_forward_equals_fold(case):
         unmerged = run_site(x, weight, bias, modules)
         merged = F.linear(x, *fold_site(weight, bias, modules))
     assert unmerged.dtype == merged.dtype == x.dtype
-    assert max_err(unmerged, merged) <= tolerance(x, weight, bias, modules)
+    assert max_error(unmerged, merged) <= merge_tolerance(x, weight, bias, modules)
 
 
 def test_bat_must_be_the_lowest_unmerged_adapter():
     site = make_site(8, 8, dtype=torch.float32)
-    lora, bat = build("lora", site, r=2), build("miss", site, r=4, init_weights="bat")
+    lora, bat = build_module("lora", site, r=2), build_module("miss", site, r=4, init_weights="bat")
     with pytest.raises(ValueError, match="lowest unmerged"):
         run_site(torch.randn(2, 8), torch.randn(8, 8), None, [lora, bat])
 
@@ -111,7 +90,7 @@ def test_bat_must_be_the_lowest_unmerged_adapter():
 def test_zero_blocks_are_exact_identity(case):
     site, x, weight, bias, _ = setup(case)
     variant = case["variant"] if case["variant"] is not False else True  # False draws a random block
-    module = build("miss", site, r=case["r"], mini_r=case["mini_r"], init_weights=variant)
+    module = build_module("miss", site, r=case["r"], mini_r=case["mini_r"], init_weights=variant)
     assert not module.miss_block.any()
     with torch.no_grad():
         out = run_site(x, weight, bias, [module])
@@ -129,15 +108,7 @@ def test_gradients_reach_only_the_block(case):
     _, x, weight, bias, modules = setup(case)
     miss = modules[1] if case["stack"] == "lora_below" else modules[0]
     assert [name for name, _ in miss.named_parameters()] == ["miss_block"]
-    run_site(x, weight, bias, modules).float().square().sum().backward()
-    for module in modules:
-        for name, param in module.named_parameters():
-            assert param.grad is not None, name
-            assert torch.isfinite(param.grad).all(), name
-    assert miss.miss_block.grad.abs().sum() > 0
-    miss.miss_block.grad = None
-    miss.fold(weight.float(), None)[0].sum().backward()  # the fold is differentiable too
-    assert miss.miss_block.grad is not None
+    assert_gradients_reach_every_parameter(x, weight, bias, modules, miss, "miss_block")
 
 
 @pytest.mark.parametrize("init, cls, shape", [
@@ -164,7 +135,7 @@ def test_variants_shapes_and_flags(init, cls, shape):
 def test_dropout_applies_in_training_only():
     torch.manual_seed(0)
     site = make_site(16, 8, dtype=torch.float32)
-    module = randomize(build("miss", site, r=4, miss_dropout=0.5))
+    module = randomize(build_module("miss", site, r=4, miss_dropout=0.5))
     x, weight = torch.randn(64, 16), torch.randn(8, 16)
     with torch.no_grad():
         module.train()
@@ -186,10 +157,9 @@ def test_dropout_applies_in_training_only():
     ({"bias": "lora_only"}, "bias"),
 ])
 def test_config_rejects_bad_values(params, field):
-    with pytest.raises(ConfigError) as info:
-        SPEC.make_config(params)
-    assert info.value.field == field
-    assert field in str(info.value)
+    error = config_error(lambda: SPEC.make_config(params))
+    assert error.field == field
+    assert field in str(error)
 
 
 @pytest.mark.parametrize("init, in_f, out_f, r, mini_r, field, sizes", [
@@ -201,36 +171,29 @@ def test_config_rejects_bad_values(params, field):
 ])
 def test_layer_size_errors_name_the_site_and_sizes(init, in_f, out_f, r, mini_r, field, sizes):
     site = make_site(in_f, out_f, dtype=torch.float32, name="model.layers.5.self_attn.v_proj")
-    with pytest.raises(ConfigError) as info:
-        build("miss", site, r=r, mini_r=mini_r, init_weights=init)
-    message = str(info.value)
-    assert "model.layers.5.self_attn.v_proj" in message and info.value.field == field
+    error = config_error(lambda: build_module("miss", site, r=r, mini_r=mini_r, init_weights=init))
+    message = str(error)
+    assert "model.layers.5.self_attn.v_proj" in message and error.field == field
     assert all(size in message for size in sizes)
 
 
 def test_layer_sizes_peft_accepts_are_accepted():
     site = make_site(10, 9, dtype=torch.float32)
-    build("miss", site, r=4)                                # in % r != 0 is fine for balance
-    build("miss", site, r=10, mini_r=3, init_weights="mini")
-    build("miss", make_site(12, 8, dtype=torch.float32), r=4, init_weights="bat")
+    build_module("miss", site, r=4)                                # in % r != 0 is fine for balance
+    build_module("miss", site, r=10, mini_r=3, init_weights="mini")
+    build_module("miss", make_site(12, 8, dtype=torch.float32), r=4, init_weights="bat")
 
 
 def test_config_fields_are_peft_fields():
-    base = {f.name for f in dataclasses.fields(peft.PeftConfig)}
-    targeting = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"}
-    peft_fields = {f.name for f in dataclasses.fields(peft.MissConfig)} - base - targeting
-    assert set(SPEC.field_names()) == peft_fields
-    ours, theirs = SPEC.config_cls(), peft.MissConfig()
-    assert all(getattr(ours, f) == getattr(theirs, f) for f in SPEC.field_names())  # same defaults
+    assert_config_fields_are_peft_fields(SPEC, peft.MissConfig, {
+        "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"})
 
 
 def test_rule_file_loads():
-    from rewriter.rules import load_rules
-
     ruleset = load_rules(RULES)
     assert ruleset.method == "miss"
-    assert any(rule.matches("model.layers.7.self_attn.q_proj") for rule in ruleset.rules)
-    assert not any(rule.matches("model.layers.7.mlp.up_proj") for rule in ruleset.rules)
+    assert targets(ruleset, "model.layers.7.self_attn.q_proj")
+    assert not targets(ruleset, "model.layers.7.mlp.up_proj")
 
 
 # ---- parity with PEFT 0.21.2 ---------------------------------------------------------------
@@ -243,10 +206,6 @@ class TinyAttention(nn.Module):
 
     def forward(self, x):
         return self.q_proj(x), self.v_proj(x)
-
-
-def our_config(peft_config):
-    return SPEC.make_config({name: getattr(peft_config, name) for name in SPEC.field_names()})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -275,28 +234,19 @@ def test_parity_with_peft(dtype, init, r, mini_r):
         weight = layer.base_layer.weight.detach().clone()
         bias = layer.base_layer.bias.detach().clone() if layer.base_layer.bias is not None else None
         site = make_site(weight.shape[1], weight.shape[0], dtype=dtype, name=name)
-        module = SPEC.module_cls(site, our_config(config))
-
-        saved = {key.removeprefix(f"base_model.model.{name}."): value for key, value in state.items()
-                 if key.startswith(f"base_model.model.{name}.")}
-        assert {SPEC.peft_keys[key] for key in saved} == set(module.state_dict())
+        module = SPEC.module_cls(site, config_from_peft(SPEC, config))
+        saved = load_peft_layer(module, SPEC, state, name)
         assert len(saved) == len(module.state_dict())
-        module.load_state_dict({SPEC.peft_keys[key]: value for key, value in saved.items()}, strict=True)
         assert module.miss_block.dtype == torch.float32 and module.miss_block.any()
 
         with torch.no_grad():
             ours, theirs = run_site(x, weight, bias, [module]), layer(x)
         assert ours.dtype == theirs.dtype == dtype
-        assert max_err(ours, theirs) <= tolerance(x, weight, bias, [module])
+        assert max_error(ours, theirs) <= merge_tolerance(x, weight, bias, [module])
         expected[name] = fold_site(weight, bias, [module])
 
     peft_model.merge_adapter()
-    for name, (merged_w, merged_b) in expected.items():
-        base = getattr(peft_model.base_model.model, name).base_layer
-        identity = torch.eye(merged_w.shape[1])
-        assert base.weight.dtype == merged_w.dtype == dtype
-        assert max_err(base.weight, merged_w) <= matmul_tolerance(identity, merged_w.float(), dtype)
-        assert (base.bias is None) == (merged_b is None)
+    assert_merged_like_peft(peft_model, expected, dtype)
 
 
 
@@ -323,18 +273,18 @@ def test_two_bat_adapters_compose_like_peft():
         site = make_site(24, weight.shape[0], dtype=torch.float32, name=name)
         modules = []
         for adapter, config in configs.items():
-            module = SPEC.module_cls(site, our_config(config))
+            module = SPEC.module_cls(site, config_from_peft(SPEC, config))
             module.load_state_dict({"miss_block": states[adapter][f"base_model.model.{name}.miss_block"]})
             modules.append(module)
         lower_merged, _ = fold_site(weight, None, modules[:1])
         ours = run_site(x, lower_merged, bias, modules[1:])
-        assert max_err(ours, layer(x)) <= tolerance(x, lower_merged, bias, modules[1:])
+        assert max_error(ours, layer(x)) <= merge_tolerance(x, lower_merged, bias, modules[1:])
         expected[name] = fold_site(weight, bias, modules)[0]
 
     peft_model.base_model.merge_adapter(["default", "upper"])
     for name, merged in expected.items():
         base = getattr(peft_model.base_model.model, name).base_layer
-        assert max_err(base.weight, merged) <= matmul_tolerance(torch.eye(24), merged, torch.float32)
+        assert max_error(base.weight, merged) <= matmul_tolerance(torch.eye(24), merged, torch.float32)
 
 # ---- whole model ---------------------------------------------------------------------------
 
@@ -355,10 +305,10 @@ def test_model_bat_checkpoint_round_trip_and_stack(tmp_path, traced_models):
     peft_model.save_pretrained(tmp_path / "peft")
 
     adapted = rewriter.load_adapter(Adapted(traced), tmp_path / "peft", low_cpu_mem_usage=True)
-    assert max_err(adapted(input_ids=ids).logits, expected) <= tol
+    assert max_error(adapted(input_ids=ids).logits, expected) <= tol
     adapted.save_adapter(tmp_path / "ours", format="peft")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    assert max_err(reloaded(input_ids=ids).logits, expected) <= tol
+    assert max_error(reloaded(input_ids=ids).logits, expected) <= tol
 
     rules = RULES.read_text().replace("init_weights = true", 'init_weights = "mini"\nmini_r = 8')
     adapted.add_adapter(rules, "mini", activate=True)
@@ -366,10 +316,10 @@ def test_model_bat_checkpoint_round_trip_and_stack(tmp_path, traced_models):
         randomize(module, 0.05)
     assert adapted.active_adapters == ["default", "mini"]
     stacked = adapted(input_ids=ids).logits
-    assert max_err(stacked, expected) > 0.01
+    assert max_error(stacked, expected) > 0.01
     with pytest.raises(MergeError, match="does not commute"):
         adapted.merge(["mini"])  # would move mini below the unmerged bat
     adapted.merge(["default"])  # bat is the lowest: merging it first keeps the order
-    assert max_err(adapted(input_ids=ids).logits, stacked) <= tol
+    assert max_error(adapted(input_ids=ids).logits, stacked) <= tol
     adapted.merge()
-    assert max_err(adapted(input_ids=ids).logits, stacked) <= tol
+    assert max_error(adapted(input_ids=ids).logits, stacked) <= tol

@@ -2,9 +2,6 @@
 config errors, block-size adjustment, and parity with PEFT 0.21.2's OFT layers."""
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import peft
 import pytest
 import torch
@@ -12,62 +9,17 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from peft.tuners.oft.layer import OFTLayer
-from torch import nn
 
-import rewriter
-from rewriter.errors import ConfigError
 from rewriter.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.methods.oft import OFTConfig, OFTModule, nearest_divisor
-from rewriter.models import BUILTINS
-from rewriter.sites import Site
-from rewriter.tolerance import matmul_tolerance, output_tolerance
+from rewriter.testing import make_site
+from rewriter.tolerance import matmul_tolerance
+from shared import (RULES_DIR, add_ready_adapter, assert_active_adapter_is_exact_noop, assert_forward_equals_fold,
+                    assert_tiny_llama_peft_both_ways, clone_weights, config_error, draw_site_tensors,
+                    load_peft_layer, peft_tiny, seeded_lora, stack_tolerance)
 
 SPEC = get_method("oft")
-DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
-
-
-def make_site(in_features, out_features, dtype=torch.float32, name="layers.0.self_attn.q_proj"):
-    return Site(name=name, weight=f"{name}.weight", bias=f"{name}.bias", op="linear", in_features=in_features,
-                out_features=out_features, layer=0, dtype=dtype, nodes=("linear",))
-
-
-def affine_tolerance(x, weight, bias, dtype):
-    """matmul_tolerance of ``x W^T + b``, with the bias as one more input column."""
-    x = torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], -1)
-    bias = bias if bias is not None else torch.zeros(weight.shape[0])
-    return matmul_tolerance(x, torch.cat([weight.float(), bias.float()[:, None]], 1), dtype)
-
-
-def stack_tolerance(x, weight, bias, modules, dtype=None):
-    """Allowed |unmerged - merged|: the unmerged forward computes every partial fold
-    ``x W_k^T + b_k`` (``W_k = f_k(...f_1(W))``) on the way, rounded in the dtype (rotations
-    and additive levels do not amplify earlier errors)."""
-    dtype = dtype or x.dtype
-    w, b = weight.float(), (bias.float() if bias is not None else None)
-    total = affine_tolerance(x, w, b, dtype)
-    with torch.no_grad():
-        for module in modules:
-            w, b = module.fold(w, b)
-            total += affine_tolerance(x, w, b, dtype)
-    return total
-
-
-def assert_forward_equals_fold(x, weight, bias, modules, conv1d=False):
-    """Unmerged == merged for a ``[out, in]`` weight, also stored as GPT-2 Conv1D ``[in, out]``."""
-    tol = stack_tolerance(x, weight, bias, modules)
-    stored = weight.t().contiguous() if conv1d else weight
-    unmerged = run_site(x, stored, bias, modules, fan_in_fan_out=conv1d)
-    merged_w, merged_b = fold_site(stored, bias, modules, fan_in_fan_out=conv1d)
-    merged = F.linear(x, merged_w.t() if conv1d else merged_w, merged_b)
-    assert unmerged.dtype == x.dtype
-    assert (unmerged.float() - merged.float()).abs().max().item() <= tol
-    return unmerged, tol
-
-
-def lora(site, seed):
-    torch.manual_seed(seed)
-    return get_method("lora").module_cls(site, get_method("lora").make_config({"r": 2, "init_lora_weights": False}))
 
 
 def oft(site, seed, **params):
@@ -79,14 +31,8 @@ def oft(site, seed, **params):
 @st.composite
 def site_inputs(draw):
     block, blocks = draw(st.integers(2, 6)), draw(st.integers(1, 5))
-    in_f, out_f = block * blocks, draw(st.integers(1, 16))
-    dtype = draw(DTYPES)
-    seed = draw(st.integers(0, 2**16))
-    torch.manual_seed(seed)
-    weight = torch.randn(out_f, in_f).to(dtype)
-    bias = torch.randn(out_f).to(dtype) if draw(st.booleans()) else None
-    x = torch.randn(draw(st.integers(1, 3)), 3, in_f).to(dtype)
-    return make_site(in_f, out_f, dtype), block, x, weight, bias, seed
+    site, x, weight, bias, seed = draw_site_tensors(draw, block * blocks, draw(st.integers(1, 16)))
+    return site, block, x, weight, bias, seed
 
 
 @st.composite
@@ -104,7 +50,7 @@ def oft_params(draw, block, in_features, min_terms=1):
 def test_forward_equals_fold_for_stacks(data, inputs, stack, conv1d):
     site, block, x, weight, bias, seed = inputs
     modules = [oft(site, seed + k, **data.draw(oft_params(block, site.in_features))) if kind == "oft"
-               else lora(site, seed + k) for k, kind in enumerate(stack.split("+"))]
+               else seeded_lora(site, seed + k) for k, kind in enumerate(stack.split("+"))]
     assert_forward_equals_fold(x, weight, bias, modules, conv1d)
     assert_forward_equals_fold(x, weight, bias, modules[::-1], conv1d)
 
@@ -114,7 +60,7 @@ def test_stack_order_matters(second):
     torch.manual_seed(0)
     site = make_site(16, 8)
     x, weight, bias = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
-    upper = oft(site, 2, r=2, oft_block_size=0) if second == "oft" else lora(site, 2)
+    upper = oft(site, 2, r=2, oft_block_size=0) if second == "oft" else seeded_lora(site, 2)
     modules = [oft(site, 1, oft_block_size=4), upper]
     forward, tol = assert_forward_equals_fold(x, weight, bias, modules)
     backward, tol_backward = assert_forward_equals_fold(x, weight, bias, modules[::-1])
@@ -133,7 +79,7 @@ def test_zero_init_is_exactly_the_base_layer(inputs, data):
 @given(site_inputs(), st.data())
 def test_only_oft_parameters_get_gradients(inputs, data):
     site, block, x, weight, bias, seed = inputs
-    frozen = lora(site, seed)
+    frozen = seeded_lora(site, seed)
     frozen.requires_grad_(False)
     module = oft(site, seed, **data.draw(oft_params(block, site.in_features, min_terms=2)))
     run_site(x, weight, bias, [frozen, module]).float().sum().backward()
@@ -206,9 +152,7 @@ def test_block_share_has_one_parameter_row():
     ({"rank": 4}, "rank"),
 ])
 def test_config_errors_name_the_field(params, field):
-    with pytest.raises(ConfigError) as info:
-        SPEC.make_config(params)
-    assert info.value.field == field
+    assert config_error(lambda: SPEC.make_config(params)).field == field
 
 
 def test_defaults_and_aliases_follow_peft():
@@ -240,42 +184,20 @@ def test_invalid_block_size_is_adjusted_with_a_warning(params, block_size, r):
 
 # ---- parity with PEFT 0.21.2 ---------------------------------------------------------------
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(12, 10)
-        self.v_proj = nn.Linear(12, 7, bias=False)
-
-    def forward(self, x):
-        return self.q_proj(x) + self.v_proj(x).sum(-1, keepdim=True)
-
-
 def peft_model(dtype, params, adapters=("default",)):
-    torch.manual_seed(0)
     params = {"oft_block_size": 0, **params} if "r" in params else params
     config = peft.OFTConfig(target_modules=["q_proj", "v_proj"], init_weights=False, **params)
-    model = peft.get_peft_model(Tiny().to(dtype), config, adapter_name=adapters[0])
-    for name in adapters[1:]:
-        model.add_adapter(name, config)
-    return model
+    return peft_tiny(config, dtype, adapters)
 
 
 def our_module(model, name, adapter, dtype, params):
     """Our module for layer ``name``, loaded from PEFT's saved tensors through ``peft_keys``."""
     layer = getattr(model.base_model.model, name)
     params = {"oft_block_size": 0, **params} if "r" in params else params
-    module = OFTModule(make_site(layer.in_features, layer.out_features, dtype, name), SPEC.make_config(params))
-    saved = peft.get_peft_model_state_dict(model, adapter_name=adapter)
-    prefix = f"base_model.model.{name}."
-    ours = {SPEC.peft_keys[k[len(prefix):]]: v for k, v in saved.items() if k.startswith(prefix)}
-    assert set(ours) == set(module.state_dict())  # a PEFT checkpoint loads with no missing or extra keys
-    module.load_state_dict(ours, strict=True)
+    module = OFTModule(make_site(layer.in_features, layer.out_features, dtype=dtype, name=name),
+                       SPEC.make_config(params))
+    load_peft_layer(module, SPEC, peft.get_peft_model_state_dict(model, adapter_name=adapter), name)
     return layer, module
-
-
-def base_tensors(layer):
-    bias = layer.base_layer.bias
-    return layer.base_layer.weight.detach().clone(), (bias.detach().clone() if bias is not None else None)
 
 
 PEFT_CASES = [
@@ -302,7 +224,7 @@ def test_peft_parity(dtype, params):
     for name in ("q_proj", "v_proj"):
         layer, module = our_module(model, name, "default", dtype, params)
         assert (module.r, module.block_size) == (layer.r["default"], layer.oft_block_size["default"])
-        weight, bias = base_tensors(layer)
+        weight, bias = clone_weights(layer.base_layer)
         with torch.no_grad():
             expected = layer(x)
         tol = stack_tolerance(x, weight, bias, [module], dtype)
@@ -323,7 +245,7 @@ def test_two_adapters_fold_like_peft_merge(dtype):
     x = torch.randn(3, 12).to(dtype)
     layer, first = our_module(model, "q_proj", "one", dtype, params)
     _, second = our_module(model, "q_proj", "two", dtype, params)
-    weight, bias = base_tensors(layer)
+    weight, bias = clone_weights(layer.base_layer)
     layer.merge(adapter_names=["one", "two"])
     merged = fold_site(weight, bias, [first, second])[0]
     rotation = layer.get_delta_weight("two").float() @ layer.get_delta_weight("one").float()
@@ -337,41 +259,15 @@ def test_two_adapters_fold_like_peft_merge(dtype):
 
 # ---- whole model: a tiny Llama ----------------------------------------------------------------
 
-RULES = Path(__file__).resolve().parents[2] / "rules" / "oft-llama.toml"
+RULES = RULES_DIR / "oft-llama.toml"
 SITES = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]  # PEFT's Llama targets
-
-
-def logits_of(output):
-    return output.logits if hasattr(output, "logits") else output[0]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_tiny_llama_peft_checkpoint_both_ways_merge_and_rule_file(tmp_path):
-    torch.manual_seed(0)
-    model, ids = BUILTINS["tiny-llama"]().eval(), torch.randint(0, 512, (2, 7))
     config = peft.OFTConfig(oft_block_size=8, init_weights=False, coft=True, eps=0.5)
-    theirs = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    with torch.no_grad():
-        expected = theirs(input_ids=ids).logits
-    theirs.save_pretrained(tmp_path / "peft")
-    adapted = rewriter.load_adapter(copy.deepcopy(model), tmp_path / "peft", example_inputs={"input_ids": ids})
+    adapted, ids = assert_tiny_llama_peft_both_ways(tmp_path, config)
     assert sorted(adapted.adapters["default"].modules) == SITES
-    tol = output_tolerance(expected, torch.float32, depth=2)
-    with torch.no_grad():
-        unmerged = logits_of(adapted(input_ids=ids))
-        assert (unmerged - expected).abs().max().item() <= tol
-        adapted.merge()
-        assert (logits_of(adapted(input_ids=ids)) - expected).abs().max().item() <= tol
-        adapted.unmerge()
-        assert torch.equal(logits_of(adapted(input_ids=ids)), unmerged)
-    adapted.save_adapter(tmp_path / "ours", format="peft")  # and back into PEFT
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
-    with torch.no_grad():
-        assert (again(input_ids=ids).logits - expected).abs().max().item() <= tol
-    adapted.add_adapter(RULES, "ready")  # the ready rule file: an exact no-op at init
-    adapted.set_adapter("ready")
-    assert {s: m.block_size for s, m in adapted.adapters["ready"].modules.items()} == dict.fromkeys(SITES, 32)
-    with torch.no_grad(), adapted.disable_adapters():
-        base = logits_of(adapted(input_ids=ids))
-    with torch.no_grad():
-        assert torch.equal(logits_of(adapted(input_ids=ids)), base)
+    modules = add_ready_adapter(adapted, RULES, "ready")  # the ready rule file: an exact no-op at init
+    assert {s: m.block_size for s, m in modules.items()} == dict.fromkeys(SITES, 32)
+    assert_active_adapter_is_exact_noop(adapted, ids)
