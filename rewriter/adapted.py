@@ -292,6 +292,8 @@ class Adapted(nn.Module):
         self.gm.graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
         self.gm.recompile()
         self._mixed.clear()
+        from .training import apply_activation_checkpointing
+        apply_activation_checkpointing(self)  # keeps gradient checkpointing across regenerations
 
     # ---- calling ----------------------------------------------------------------------------
 
@@ -299,9 +301,10 @@ class Adapted(nn.Module):
         """Call the model like the original.  ``adapter_names`` (one per sample; ``"__base__"`` for
         none) runs a mixed batch in one pass: each adapter acts only on its own samples."""
         gm = self.gm if adapter_names is None else self._mixed_graph(adapter_names)
+        from .training import with_regularization
         traced = self._traced
         if traced.positional:
-            return gm(*args, **kwargs)
+            return with_regularization(self, gm(*args, **kwargs))
         names = list(traced.example_inputs)
         for name, value in zip(names, args):
             if name in kwargs:
@@ -320,14 +323,19 @@ class Adapted(nn.Module):
             elif name in ("attention_mask", "token_type_ids") and "input_ids" in call:
                 ids = call["input_ids"]
                 call[name] = torch.ones_like(ids) if name == "attention_mask" else torch.zeros_like(ids)
+            elif name == "labels":
+                raise RewriterError("this graph computes the loss, so it needs 'labels'",
+                                    fix="pass labels, or trace without them for inference (with_labels=False)")
             else:
                 raise RewriterError(f"missing input '{name}'", fix=f"the graph was traced with inputs {names}")
         extra = [k for k, v in kwargs.items() if v is not None]
         if extra:
-            raise RewriterError(
-                f"the graph was traced without input(s) {extra}; it takes {names}",
-                fix="re-trace with them: rewriter.apply(model, rules, example_inputs={...all inputs...})")
-        return gm(**call)
+            fix = ("re-trace with the loss in the graph: rewriter.apply(model, rules, with_labels=True)"
+                   if extra == ["labels"] else
+                   "re-trace with them: rewriter.apply(model, rules, example_inputs={...all inputs...})")
+            raise RewriterError(f"the graph was traced without input(s) {extra}; it takes {names}", fix=fix)
+        # AdaLoRA's orthogonality term joins the loss, as in PEFT
+        return with_regularization(self, gm(**call))
 
     def _mixed_graph(self, adapter_names: Sequence[str]) -> fx.GraphModule:
         """The graph for a mixed batch, with every sample's adapter gated by a per-sample mask."""
@@ -505,6 +513,25 @@ class Adapted(nn.Module):
         print(line)
         return line
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, *, every_n_layers: int = 1,
+                                      offload: bool = False) -> None:
+        """Recompute each layer's activations in backward (same gradients, less memory); HF's name."""
+        from .training import enable_gradient_checkpointing
+        enable_gradient_checkpointing(self, every_n_layers=every_n_layers, offload=offload,
+                                      **(gradient_checkpointing_kwargs or {}))
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """What ``transformers.Trainer`` calls with ``activation_checkpointing=True``."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                           offload=offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        from .training import disable_gradient_checkpointing
+        disable_gradient_checkpointing(self)
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     def update_and_allocate(self, step: int) -> None:
         """Run the per-step controllers of the active adapters (e.g. AdaLoRA's rank allocator)."""
         for name in self._active:
@@ -559,13 +586,14 @@ def _retarget(graph: fx.Graph, path: str, aliases: list[str], gm: fx.GraphModule
 
 
 def apply(model_or_graph, rules, *, example_inputs=None, adapter_name: str | None = None,
-          dynamic: bool = True) -> Adapted:
-    """Trace (when needed) and insert the adapter described by ``rules``."""
+          dynamic: bool = True, with_labels: bool = False) -> Adapted:
+    """Trace (when needed) and insert the adapter described by ``rules``.  ``with_labels=True``
+    traces the model's loss into the graph (the forward then takes ``labels``)."""
     if isinstance(model_or_graph, Adapted):
         model_or_graph.add_adapter(rules, adapter_name)
         return model_or_graph
     traced = model_or_graph if isinstance(model_or_graph, Traced) else \
-        trace_model(model_or_graph, example_inputs, dynamic=dynamic)
+        trace_model(model_or_graph, example_inputs, dynamic=dynamic, with_labels=with_labels)
     adapted = Adapted(traced)
     adapted.add_adapter(rules, adapter_name)
     return adapted

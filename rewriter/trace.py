@@ -4,6 +4,10 @@ Hugging Face models (and any ``nn.Module``) go through ``torch.export`` (non-str
 mode, ``use_cache=False``, batch and sequence dims dynamic) and we work on
 ``ep.module()``, which shares the model's parameters.  A GraphModule the user already
 has is taken as it is.
+
+The graph takes exactly the inputs it was traced with.  Tracing with ``labels``
+(``with_labels=True``) puts the model's own loss into the graph, so the output carries
+``loss`` as the eager model's does; the graph then needs labels on every call.
 """
 from __future__ import annotations
 
@@ -48,8 +52,9 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "model_type")
 
 
-def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any]:
-    """Example keyword inputs for a Hugging Face model, made from its config."""
+def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8, *, labels: bool = False) -> dict[str, Any]:
+    """Example keyword inputs for a Hugging Face model, made from its config; with ``labels``
+    also example labels (see :func:`_with_example_labels`)."""
     if not _is_hf(model):
         raise TraceError(f"cannot make example inputs for {type(model).__name__}",
                          fix="pass example_inputs=(tensor, ...) or a dict of keyword tensors")
@@ -77,7 +82,39 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[s
             inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2)), generator=gen)
-    return inputs
+    return _with_example_labels(model, inputs) if labels else inputs
+
+
+def _with_example_labels(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` plus example ``labels`` shaped as the model's loss reads them, read off the
+    logits of one eager call: token logits ``[B, L, C]`` take token ids ``[B, L]``, sequence
+    logits ``[B, C]`` take one class per sample (floats for regression and multi-label, as
+    ``config.problem_type`` says).  Encoder-decoders lose ``decoder_input_ids``: with labels the
+    model makes them by shifting the labels right, as in training."""
+    name = type(model).__name__
+    if "labels" not in inspect.signature(model.forward).parameters:
+        raise TraceError(f"{name}.forward takes no 'labels', so the graph cannot compute a loss",
+                         fix="trace without labels and compute the loss from the outputs")
+    with torch.no_grad():
+        logits = getattr(model(**inputs), "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise TraceError(f"cannot tell which labels {name} expects: its output has no [batch, classes] or "
+                         "[batch, length, classes] logits",
+                         fix="pass example_inputs with an example 'labels' tensor")
+    gen = torch.Generator().manual_seed(1)
+    batch, classes = logits.shape[0], logits.shape[-1]
+    problem = getattr(model.config, "problem_type", None) or \
+        ("regression" if classes == 1 else "single_label_classification")
+    if logits.dim() == 3:
+        labels = torch.randint(0, classes, logits.shape[:2], generator=gen)
+    elif problem == "single_label_classification":
+        labels = torch.randint(0, classes, (batch,), generator=gen)
+    elif problem == "multi_label_classification":
+        labels = torch.randint(0, 2, (batch, classes), generator=gen).float()
+    else:  # regression
+        labels = torch.randn((batch, classes) if classes > 1 else (batch,), generator=gen)
+    out = {k: v for k, v in inputs.items() if not (k == "decoder_input_ids" and logits.dim() == 3)}
+    return {**out, "labels": labels}
 
 
 def _dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
@@ -93,23 +130,31 @@ def _dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
     return spec
 
 
-def trace(model, example_inputs=None, *, dynamic: bool = True) -> fx.GraphModule:
+def trace(model, example_inputs=None, *, dynamic: bool = True, with_labels: bool = False) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule (see :func:`trace_model` for the details kept)."""
-    return trace_model(model, example_inputs, dynamic=dynamic).gm
+    return trace_model(model, example_inputs, dynamic=dynamic, with_labels=with_labels).gm
 
 
-def trace_model(model, example_inputs=None, *, dynamic: bool = True) -> Traced:
+def trace_model(model, example_inputs=None, *, dynamic: bool = True, with_labels: bool = False) -> Traced:
+    """Trace with ``example_inputs`` (a dict of keyword inputs, or a tuple of positional tensors;
+    default: :func:`example_inputs_for` the model).  ``with_labels=True`` makes the graph compute
+    the model's loss: example labels are made when no example inputs are given."""
     if isinstance(model, fx.GraphModule):
         return Traced(gm=model, positional=True, source=None)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    if with_labels and example_inputs is not None and not (isinstance(example_inputs, Mapping)
+                                                           and "labels" in example_inputs):
+        raise TraceError("with_labels=True, but example_inputs has no 'labels'",
+                         fix="add an example 'labels' tensor to the example_inputs dict, or leave example_inputs "
+                             "out to have them made")
     start = time.perf_counter()
     was_training = model.training
     model.eval()  # export bakes dropout: trace the inference graph
     hf = _is_hf(model)
     positional = False
     if example_inputs is None:
-        kwargs = example_inputs_for(model)
+        kwargs = example_inputs_for(model, labels=with_labels)
     elif isinstance(example_inputs, Mapping):
         kwargs = dict(example_inputs)
     else:
