@@ -108,6 +108,20 @@ class Adapted(nn.Module):
     def source_model(self) -> nn.Module | None:
         return self._source[0]
 
+    @property
+    def traced(self) -> Traced:
+        """How the graph was traced: example inputs, static keyword arguments, calling convention."""
+        return self._traced
+
+    @property
+    def base_graph(self) -> fx.Graph:
+        """The pristine traced graph every live graph is generated from (do not modify)."""
+        return self._base_graph
+
+    def module_names(self) -> list[str]:
+        """Names of the model's modules that hold parameters (what ``train`` rules match)."""
+        return self._module_names()
+
     def _module_names(self) -> list[str]:
         return [n for n, m in self.gm.named_modules()
                 if n and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)) and any(True for _ in m.parameters(recurse=False))]

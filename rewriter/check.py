@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import progress
 from .errors import MergeError
 from .graph import fold_site, run_site
 from .tolerance import matmul_tolerance, output_tolerance
@@ -43,25 +44,38 @@ class MergeReport:
     def worst_first(self) -> list[SiteCheck]:
         return sorted(self.sites, key=lambda s: s.max_error / max(s.tolerance, 1e-30), reverse=True)
 
-    def to_json(self) -> str:
-        return json.dumps({"ok": self.ok, "dtype": self.dtype, "output_error": self.output_error,
-                           "output_tolerance": self.output_tolerance, "notes": self.notes,
-                           "sites": [{**asdict(s), "ok": s.ok} for s in self.worst_first()]}, indent=2)
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "dtype": self.dtype, "output_error": self.output_error,
+                "output_tolerance": self.output_tolerance, "notes": self.notes,
+                "sites": [{**asdict(s), "ok": s.ok} for s in self.worst_first()]}
 
-    def format(self, limit: int | None = None) -> str:
-        rows = self.worst_first()[:limit]
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        return (f"{'OK' if self.ok else 'FAILED'}: {sum(s.ok for s in self.sites)}/{len(self.sites)} sites equal "
+                f"within tolerance ({self.dtype})")
+
+    def format(self, limit: int | None = None, *, failures_only: bool = False) -> str:
+        """The per-site table, worst first; ``failures_only`` keeps the mismatches and the summary."""
+        ranked = [s for s in self.worst_first() if not (failures_only and s.ok)]
+        rows = ranked[:limit]
         width = max([len(s.site) for s in rows] + [4])
-        lines = [f"{'site':<{width}}  {'max |err|':>10}  {'tolerance':>10}  result",
-                 f"{'-' * width}  {'-' * 10}  {'-' * 10}  ------"]
-        lines += [f"{s.site:<{width}}  {s.max_error:>10.3e}  {s.tolerance:>10.3e}  {'ok' if s.ok else 'MISMATCH'}"
-                  for s in rows]
-        if limit is not None and len(self.sites) > limit:
-            lines.append(f"... {len(self.sites) - limit} more site(s)")
-        lines.append(f"whole-model output: max |merged - unmerged| = {self.output_error:.3e} "
-                     f"(expected <= {self.output_tolerance:.3e}, {self.dtype})")
-        lines += self.notes
-        lines.append(f"{'OK' if self.ok else 'FAILED'}: {sum(s.ok for s in self.sites)}/{len(self.sites)} sites equal "
-                     "within tolerance")
+        stacked = any(len(s.adapters) > 1 for s in self.sites)  # then say which adapters each site stacks
+        lines = [f"{'site':<{width}}  {'max |err|':>10}  {'tolerance':>10}  result"
+                 + ("    adapters" if stacked else ""),
+                 f"{'-' * width}  {'-' * 10}  {'-' * 10}  ------" + ("    --------" if stacked else "")] if rows else []
+        for s in rows:
+            result = "ok" if s.ok else "MISMATCH"
+            result = f"{result:<8}  {' < '.join(s.adapters)}" if stacked else result
+            lines.append(f"{s.site:<{width}}  {s.max_error:>10.3e}  {s.tolerance:>10.3e}  {result}")
+        if len(ranked) > len(rows):
+            lines.append(f"... {len(ranked) - len(rows)} more site(s)")
+        if not failures_only:
+            lines.append(f"whole-model output: max |merged - unmerged| = {self.output_error:.3e} "
+                         f"(expected <= {self.output_tolerance:.3e}, {self.dtype})")
+            lines += self.notes
+        lines.append(self.summary())
         return "\n".join(lines)
 
 
@@ -78,11 +92,13 @@ def _first_tensor(out):
 
 
 @torch.no_grad()
-def perturb(adapted, seed: int = 0, scale: float = 0.02) -> None:
-    """Move every adapter parameter away from its (often no-op) init, so checks mean something."""
+def perturb(adapted, seed: int = 0, scale: float = 0.02, adapter_names=None) -> None:
+    """Move the parameters of every adapter (or of ``adapter_names``) away from their (often
+    no-op) init, so checks mean something."""
     gen = torch.Generator().manual_seed(seed)
-    for record in adapted.adapters.values():
-        for module in record.modules.values():
+    names = list(adapted.adapters) if adapter_names is None else list(adapter_names)
+    for name in names:
+        for module in adapted.adapters[name].modules.values():
             for p in module.parameters():
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p)
                 p.add_(noise * scale)
@@ -103,7 +119,7 @@ def check_merge(adapted, inputs=None, atol: float | None = None, adapter_names=N
             if m.not_mergeable:
                 raise MergeError(f"adapter '{n}' cannot be merged: {m.not_mergeable}")
     if inputs is None:
-        inputs = {k: v for k, v in adapted._traced.example_inputs.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: v for k, v in adapted.traced.example_inputs.items() if isinstance(v, torch.Tensor)}
     call = (lambda: adapted(*inputs)) if isinstance(inputs, (tuple, list)) else (lambda: adapted(**inputs))
     stacks = {s: [adapted.adapters[a].modules[s] for a in names if s in adapted.adapters[a].modules]
               for s in adapted.sites}
@@ -125,7 +141,7 @@ def check_merge(adapted, inputs=None, atol: float | None = None, adapter_names=N
     adapted.unmerge()
     checks = []
     dtype = None
-    for site_name, stack in stacks.items():
+    for site_name, stack in progress.bar(stacks.items(), desc="checking merged sites", unit="site"):
         if site_name not in captured:
             continue
         site = adapted.sites[site_name]

@@ -1,6 +1,7 @@
 """The ``rewriter`` command.  Thin: every verb calls the Python API.
 
-Exit codes: 0 success, 1 a check failed (merge mismatch), 2 bad input.
+Exit codes: 0 success, 1 a check failed (merge mismatch, or plan drift from a lock), 2 bad input.
+Every verb takes ``--quiet``: no progress bars, only the essential output.
 """
 from __future__ import annotations
 
@@ -30,26 +31,51 @@ def _dtype(name):
     return getattr(torch, DTYPES[name]) if name else None
 
 
-def _model(args):
+def _traced(spec: str, dtype: str | None = None, attn: str | None = None):
+    """Load and trace the model named by ``spec`` (the one place the CLI traces)."""
+    from .errors import RewriterError
     from .models import load_model
-    return load_model(args.model, dtype=_dtype(getattr(args, "dtype", None)))
+    from .progress import steps
+    from .trace import trace_model
+    with steps(f"model {spec}", ["load", "trace"]) as step:
+        step("load")
+        model = load_model(spec, dtype=_dtype(dtype))
+        if attn:
+            if not hasattr(model, "set_attn_implementation"):
+                raise RewriterError(f"--attn-implementation applies to Hugging Face models, not {type(model).__name__}")
+            model.set_attn_implementation(attn)
+        step("trace")
+        return trace_model(model)
 
 
-def _adapted(args):
-    """Apply --rules or load --adapter onto --model."""
-    import rewriter
-    model = _model(args)
-    if getattr(args, "adapter", None):
-        return rewriter.load_adapter(model, args.adapter)
-    return rewriter.apply(model, args.rules)
+def _adapted(args, rules: list[str], dirs: list[str]) -> tuple:
+    """``--model`` with the adapter directories and then the rule files stacked on it, all active;
+    returns the model and the names of the adapters made from rules (fresh weights).  With
+    several sources, each directory's adapter is named after the directory."""
+    from .adapted import Adapted
+    from .errors import RewriterError
+    from .lock import as_identifier, stack_rules
+    from .rules import load_rules
+    if not dirs and not rules:
+        raise RewriterError(f"{args.command} needs --rules or --adapter",
+                            fix="both repeat: the adapters stack bottom to top in the order given")
+    adapted = Adapted(_traced(args.model, args.dtype, getattr(args, "attn_implementation", None)))
+    several = len(dirs) + len(rules) > 1
+    for d in dirs:
+        adapted.load_adapter(d, as_identifier(Path(d).resolve().name) if several else None, activate=several or None)
+    return adapted, stack_rules(adapted, [load_rules(r) for r in rules])
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text)
 
 
 def cmd_explain(args) -> int:
-    import rewriter
-    from .rules import format_plan, plan
-    rules = rewriter.load_rules(args.rules)
-    sites = rewriter.find_sites(rewriter.trace(_model(args)))
-    p = plan(rules, sites)
+    from .adapted import Adapted
+    from .rules import format_plan, load_rules, plan
+    adapted = Adapted(_traced(args.model))
+    p = plan(load_rules(args.rules), list(adapted.sites.values()), adapted.module_names())
     if args.json:
         print(json.dumps({**p.to_json(), "counts": p.counts, "warnings": p.warnings,
                           "unmatched": p.unmatched}, indent=2, default=str))
@@ -59,30 +85,85 @@ def cmd_explain(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    adapted = _adapted(args)
+    adapted, _ = _adapted(args, [args.rules], [])
     out = adapted.save_adapter(args.out, format=args.format)
-    if not args.quiet:
-        print(adapted.explain())
-        print(f"\nsaved the initialised adapter ({args.format} format) to {out}")
+    _say(args, adapted.explain())
+    _say(args, f"\nsaved the initialised adapter ({args.format} format) to {out}")
     return 0
 
 
-def cmd_check(args) -> int:
+def _merge_report(args, adapted, fresh: list[str]):
     from .check import check_merge, perturb
-    adapted = _adapted(args)
-    if args.rules and not args.no_perturb:
-        perturb(adapted, seed=args.seed)  # fresh adapters are no-ops: make the check mean something
-    report = check_merge(adapted, atol=args.atol)
-    print(report.to_json() if args.json else report.format(limit=args.limit))
+    if fresh and not args.no_perturb:
+        # fresh adapters are no-ops: move them so that the check means something
+        perturb(adapted, seed=args.seed, adapter_names=fresh)
+    return check_merge(adapted, atol=args.atol)
+
+
+def _print_merge(args, report) -> None:
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.format(limit=args.limit, failures_only=args.quiet))
+
+
+def cmd_check(args) -> int:
+    if args.lock:
+        return _check_lock(args)
+    from .errors import RewriterError
+    if not args.model:
+        raise RewriterError("check needs --model (or --lock, which records it)")
+    report = _merge_report(args, *_adapted(args, args.rules or [], args.adapter or []))
+    _print_merge(args, report)
     return 0 if report.ok else 1
+
+
+def _check_lock(args) -> int:
+    from .adapted import Adapted
+    from .errors import RewriterError
+    from .lock import check_lock, read_lock, stack_rules
+    if args.rules or args.adapter:
+        raise RewriterError("--lock takes the rule files from the lock", fix="drop --rules/--adapter, or drop --lock")
+    lock = read_lock(args.lock)
+    rulesets = lock.load_rules()
+    adapted = Adapted(_traced(args.model or lock.model, args.dtype or lock.dtype))
+    drift = check_lock(lock, adapted, rulesets)
+    merge = _merge_report(args, adapted, stack_rules(adapted, rulesets)) if drift.ok else None
+    ok = drift.ok and merge.ok
+    if args.json:
+        print(json.dumps({"ok": ok, "lock": drift.to_dict(), "merge": merge.to_dict() if merge else None}, indent=2))
+        return 0 if ok else 1
+    if not (args.quiet and drift.ok):
+        print(drift.format())
+    if merge is None:
+        print("merge check skipped: the plan drifted")
+    else:
+        _print_merge(args, merge)
+    return 0 if ok else 1
+
+
+def cmd_lock(args) -> int:
+    from .adapted import Adapted
+    from .lock import make_lock, stack_rules, write_lock
+    from .rules import load_rules
+    rulesets = [load_rules(r) for r in args.rules]
+    adapted = Adapted(_traced(args.model, args.dtype))
+    names = stack_rules(adapted, rulesets)
+    out = Path(args.out)
+    lock = make_lock(adapted, rulesets, names, model=args.model, dtype=DTYPES.get(args.dtype), lock_path=out)
+    write_lock(out, lock)
+    sites = sum(len(a["sites"]) for a in lock["adapters"])
+    _say(args, f"wrote {out}: {len(names)} adapter(s) {names}, {sites} site(s), "
+               f"graph {lock['graph']['fingerprint'][:12]}")
+    return 0
 
 
 def cmd_export(args) -> int:
     import rewriter
-    adapted = _adapted(args)
-    path = rewriter.export(adapted, args.out, format=args.format, merged=not args.unmerged)
-    if not args.quiet:
-        print(f"wrote {path} ({'unmerged' if args.unmerged else 'merged'})")
+    adapted, _ = _adapted(args, args.rules or [], args.adapter or [])
+    path = rewriter.export(adapted, args.out, format=args.format, merged=not args.unmerged, program=args.program)
+    kind = f"weights for {args.program}" if args.program else "unmerged" if args.unmerged else "merged"
+    _say(args, f"wrote {path} ({kind})")
     return 0
 
 
@@ -98,7 +179,7 @@ def cmd_convert(args) -> int:
     if args.out:
         from .checkpoint import atomic_write
         atomic_write(Path(args.out), text.encode())
-        print(f"wrote {args.out}")
+        _say(args, f"wrote {args.out}")
     else:
         print(text, end="")
     return 0
@@ -114,63 +195,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewriter", description="Declarative model surgery for PEFT adapters.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars, only essential output")
 
-    def model_arg(p):
-        p.add_argument("--model", required=True,
+    def verb(name, func, help):
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    def model_arg(p, required=True):
+        p.add_argument("--model", required=required,
                        help="a local Hugging Face model directory, builtin:<preset> (tiny-llama, tiny-gpt2, "
                             "tiny-bert, tiny-t5, ..., minilm) or package.module:factory")
 
-    p = sub.add_parser("explain", help="show which sites each rule adapts, with parameters")
+    def sources(p):
+        p.add_argument("--rules", action="append", help="a rule file; repeat to stack adapters (bottom first)")
+        p.add_argument("--adapter", action="append", help="an adapter directory, rewriter or PEFT format; repeatable")
+
+    p = verb("explain", cmd_explain, "show which sites each rule adapts, with parameters")
     p.add_argument("rules")
     model_arg(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("apply", help="apply a rule file and save the initialised adapter")
+    p = verb("apply", cmd_apply, "apply a rule file and save the initialised adapter")
     p.add_argument("rules")
     model_arg(p)
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["rewriter", "peft"], default="rewriter")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_apply)
+    p.add_argument("--dtype", choices=sorted(DTYPES))
 
-    p = sub.add_parser("check", help="check merged == unmerged per site (exit 1 on mismatch)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--rules")
-    src.add_argument("--adapter", help="an adapter directory, rewriter or PEFT format")
+    p = verb("lock", cmd_lock, "record the resolved plan of rule files (and a graph fingerprint) for CI")
+    p.add_argument("rules", nargs="+", help="rule files, stacked bottom first")
     model_arg(p)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="the dtype you deploy in (check --lock uses it)")
+    p.add_argument("--out", default="rules.lock.json", help="default: rules.lock.json")
+
+    p = verb("check", cmd_check, "check merged == unmerged per site, and with --lock that the plan has not "
+                                 "drifted (exit 1 on mismatch or drift)")
+    sources(p)
+    p.add_argument("--lock", help="a lock file from rewriter lock: re-plan its rule files on its model")
+    model_arg(p, required=False)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype to check in (the one you deploy)")
     p.add_argument("--atol", type=float, help="absolute tolerance (default: derived from dtype and sizes)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20, help="sites shown, worst first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-perturb", action="store_true", help="with --rules: keep the no-op initial weights")
-    p.set_defaults(func=cmd_check)
+    p.add_argument("--no-perturb", action="store_true", help="keep the no-op initial weights of --rules adapters")
 
-    p = sub.add_parser("export", help="export the rewritten model (.pt2, .onnx, or readable code)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--rules")
-    src.add_argument("--adapter")
+    p = verb("export", cmd_export, "export the rewritten model (.pt2, .onnx, readable code .py, or adapter "
+                                   "weights .safetensors for an unmerged .pt2)")
+    sources(p)
     model_arg(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["pt2", "onnx", "code"])
+    p.add_argument("--format", choices=["pt2", "onnx", "code", "weights"])
     p.add_argument("--unmerged", action="store_true", help="keep the adapter ops (default: merged)")
+    p.add_argument("--program", help="with a .safetensors --out: the unmerged .pt2 whose adapter slots it fills")
     p.add_argument("--dtype", choices=sorted(DTYPES))
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--attn-implementation", help="re-trace with this attention (e.g. eager, for ONNX)")
 
-    p = sub.add_parser("convert", help="convert a PEFT adapter_config.json into a rule file")
+    p = verb("convert", cmd_convert, "convert a PEFT adapter_config.json into a rule file")
     p.add_argument("config", help="adapter_config.json or its directory")
     p.add_argument("--out")
     p.add_argument("--model-type", help="model type, when target_modules is not set (e.g. llama)")
     p.add_argument("--output-embedding", default="lm_head", help="excluded by 'all-linear' (default lm_head)")
-    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("demo", help="train a LoRA on MiniLM, merge, check, export (about a minute)")
+    p = verb("demo", cmd_demo, "train a LoRA on MiniLM, merge, check, export (about a minute)")
     p.add_argument("--out", default="rewriter-demo")
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -186,6 +277,8 @@ def main(argv=None) -> int:
         return 2
     _quiet_libraries()
     from .errors import RewriterError
+    from .progress import set_quiet
+    set_quiet(args.quiet)
     try:
         return args.func(args)
     except RewriterError as exc:

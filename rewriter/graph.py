@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .errors import MergeError
 from .methods.base import AdapterModule
 from .sites import Site, site_operands
 
@@ -54,8 +55,8 @@ def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtyp
     gated = any(e.gate for e in stack)
     for k, entry in enumerate(stack):
         if entry.module.needs_weight and k > 0 and not gated:
-            raise ValueError(f"{type(entry.module).__name__} reads the layer weight, so it must be the lowest "
-                             "unmerged adapter on its site: merge or remove the adapters below it first")
+            raise MergeError(f"{type(entry.module).__name__} reads the layer weight, so it must be the lowest "
+                             "unmerged adapter on its site", fix="merge or remove the adapters below it first")
     xs = [x] * (len(stack) + 1)
     for k in reversed(range(len(stack))):
         xs[k] = ops.pre(stack[k], xs[k + 1]) if stack[k].module.has_pre else xs[k + 1]

@@ -153,6 +153,8 @@ def trace_model(model, example_inputs=None, *, dynamic: bool = True, with_labels
     model.eval()  # export bakes dropout: trace the inference graph
     hf = _is_hf(model)
     positional = False
+    if example_inputs is None and not hf and getattr(model, "example_inputs", None) is not None:
+        example_inputs = model.example_inputs  # plain modules may carry their own (e.g. builtin:tiny-mlp)
     if example_inputs is None:
         kwargs = example_inputs_for(model, labels=with_labels)
     elif isinstance(example_inputs, Mapping):

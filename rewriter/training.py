@@ -48,7 +48,7 @@ def traced_signature(adapted: Adapted) -> inspect.Signature:
     options of ``Adapted.forward``."""
     keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter(name, keyword, default=None)
-              for name, example in adapted._traced.example_inputs.items() if isinstance(example, torch.Tensor)]
+              for name, example in adapted.traced.example_inputs.items() if isinstance(example, torch.Tensor)]
     params += [p for p in inspect.signature(type(adapted).forward).parameters.values()
                if p.kind is inspect.Parameter.KEYWORD_ONLY]
     return inspect.Signature(params)
@@ -66,7 +66,7 @@ def prepare_for_trainer(adapted: Adapted) -> Adapted:
     if vars(adapted).get("accepts_loss_kwargs") is False:  # prepared already (the hooks must not stack)
         return adapted
     adapted.accepts_loss_kwargs = False
-    if not adapted._traced.positional:
+    if not adapted.traced.positional:
         forward = functools.partial(type(adapted).forward, adapted)
         forward.__signature__ = traced_signature(adapted)
         adapted.forward = forward

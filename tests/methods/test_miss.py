@@ -82,7 +82,7 @@ def test_forward_equals_fold(case):
 def test_bat_must_be_the_lowest_unmerged_adapter():
     site = make_site(8, 8, dtype=torch.float32)
     lora, bat = build_module("lora", site, r=2), build_module("miss", site, r=4, init_weights="bat")
-    with pytest.raises(ValueError, match="lowest unmerged"):
+    with pytest.raises(MergeError, match="lowest unmerged"):
         run_site(torch.randn(2, 8), torch.randn(8, 8), None, [lora, bat])
 
 
