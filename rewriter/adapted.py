@@ -303,8 +303,11 @@ class Adapted(nn.Module):
         for name, record in self.adapters.items():
             for module in record.modules.values():
                 module.requires_grad_(name in live and not self._disabled)
-        self.gm.graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
-        self.gm.recompile()
+        previous = _code_key(self.gm)
+        self.gm.graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())  # recompiles
+        _forget_code(previous)
+        for mixed in self._mixed.values():
+            _forget_code(_code_key(mixed))
         self._mixed.clear()
         from .training import apply_activation_checkpointing
         apply_activation_checkpointing(self)  # keeps gradient checkpointing across regenerations
@@ -583,6 +586,23 @@ class Adapted(nn.Module):
     def extra_repr(self) -> str:
         return (f"sites={len(self.sites)}, adapters={list(self.adapters)}, active={self._active}, "
                 f"merged={self._merged}")
+
+
+def _code_key(gm: fx.GraphModule) -> str | None:
+    """The cache key under which torch.fx stored the generated source of ``gm.forward``."""
+    code = getattr(getattr(type(gm), "forward", None), "__code__", None)
+    return code.co_filename if code is not None and code.co_filename.startswith("<eval_with_key>") else None
+
+
+def _forget_code(key: str | None) -> None:
+    """torch.fx keeps every generated source forever (for tracebacks); the live graph is regenerated
+    on every adapter state change, so drop the sources of graphs that are gone."""
+    if key is None:
+        return
+    import linecache
+    from torch.fx import graph_module
+    graph_module._loader.eval_cache.pop(key, None)
+    linecache.cache.pop(key, None)
 
 
 def _retarget(graph: fx.Graph, path: str, aliases: list[str], gm: fx.GraphModule) -> fx.Graph:

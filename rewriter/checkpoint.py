@@ -59,6 +59,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _remove_leftover_temps(directory: Path, names: Sequence[str]) -> None:
+    """Delete the temp files :func:`atomic_write` left for ``names`` (glob patterns) when a process was
+    killed mid-write; a save calls it once its own files are in place."""
+    for name in names:
+        for junk in directory.glob(f".{name}.*.tmp"):
+            junk.unlink(missing_ok=True)
+
+
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata or {}))
 
@@ -222,6 +230,7 @@ def _save_one(adapted, name: str, directory: Path) -> None:
     for stale in directory.glob("adapter-*.safetensors"):
         if stale.name != weights:
             stale.unlink(missing_ok=True)
+    _remove_leftover_temps(directory, ["adapter-*.safetensors", MANIFEST, "rules.toml"])
 
 
 def _hooks(record, site: str):
@@ -276,6 +285,7 @@ def _save_one_peft(adapted, name: str, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / PEFT_WEIGHTS, _tensor_bytes(tensors, {"format": "pt"}))
     atomic_write(directory / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True).encode())
+    _remove_leftover_temps(directory, [PEFT_WEIGHTS, PEFT_CONFIG])
 
 
 # ---- load -----------------------------------------------------------------------------------
@@ -418,7 +428,10 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
     cfg = read_peft_config(cfg_path)
     name = adapter_name or "default"  # PEFT keeps "default" at the root, others in sub-directories
     adapted._check_new_name(name)
-    spec = method_for_peft_type(cfg["peft_type"])
+    try:
+        spec = method_for_peft_type(cfg["peft_type"])
+    except CheckpointError as exc:  # name the file
+        raise CheckpointError(exc.what, where=str(cfg_path), fix=exc.fix) from None
     weights = directory / PEFT_WEIGHTS
     raw = read_tensors(weights)
     _check_finite(raw, str(weights))

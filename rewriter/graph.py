@@ -227,7 +227,7 @@ def build_graph(base: fx.Graph, sites: dict[str, Site], stacks: dict[str, list[S
         users = list(node.users)
         bias = node.args[b_index] if b_index < len(node.args) else node.kwargs.get("bias")
         val = node.meta.get("val")
-        dtype = val.dtype if isinstance(val, torch.Tensor) else None
+        dtype = val.dtype if isinstance(val, torch.Tensor) else site.dtype  # symbolic_trace graphs have no val
         ops = _GraphOps(graph, node, x_index, node.args[w_index], transposed=(op == "conv1d"))
         y = chain(ops, x, bias, stack, dtype)
         for user in users:

@@ -52,11 +52,33 @@ def _lookahead(regex: str) -> str:
     return f"(?=(?:{regex})$)"
 
 
+def _check_target_fields(cfg: Mapping[str, Any], source: str | None) -> None:
+    """The target-selection fields must have PEFT's types before we build regexes from them."""
+    def strings(value) -> bool:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+    expect = {"target_modules": (lambda v: isinstance(v, str) or strings(v), "a string or a list of strings"),
+              "exclude_modules": (lambda v: isinstance(v, str) or strings(v), "a string or a list of strings"),
+              "feedforward_modules": (lambda v: isinstance(v, str) or strings(v), "a string or a list of strings"),
+              "modules_to_save": (strings, "a list of strings"),
+              "layers_pattern": (lambda v: isinstance(v, str) or strings(v), "a string or a list of strings"),
+              "layers_to_transform": (lambda v: isinstance(v, int) or (isinstance(v, list) and all(
+                  isinstance(i, int) for i in v)), "an integer or a list of integers")}
+    expect.update({name: (lambda v: isinstance(v, Mapping), "a mapping of pattern -> value")
+                   for name in ("rank_pattern", "alpha_pattern", "n_frequency_pattern")})
+    for name, (ok, what) in expect.items():
+        value = cfg.get(name)
+        if value is not None and not ok(value):
+            raise CheckpointError(f"'{name}' must be {what}, got {value!r}", where=source,
+                                  fix="fix adapter_config.json (is it from another tool?)")
+
+
 def rules_from_peft_config(config: Mapping[str, Any], *, adapter_name: str = "default",
                            model_type: str | None = None, output_embedding: str | None = None,
                            source: str | None = None) -> RuleSet:
     """A rule set that selects exactly the modules PEFT 0.21.2 would, with the same per-module values."""
     cfg = dict(config)
+    _check_target_fields(cfg, source)
     spec = method_for_peft_type(cfg.get("peft_type", "LORA"))
     fields = set(spec.field_names())
     params = {k: v for k, v in cfg.items() if k in fields and v is not None}
@@ -177,7 +199,7 @@ def to_toml(ruleset: RuleSet) -> str:
 def read_peft_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
         raise CheckpointError(f"cannot read PEFT config: {exc}", where=str(path)) from None
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise CheckpointError("not a PEFT adapter config (no peft_type)", where=str(path))

@@ -11,11 +11,14 @@ import dataclasses
 import difflib
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import ConfigError, RuleError
+import torch
+
+from .errors import ConfigError, RewriterError, RuleError
 from .methods import get_method
 from .sites import Site
 
@@ -67,6 +70,8 @@ class RuleSet:
             header = (_header_lines(self.text, "[adapter]") or [None])[0] if self.text else None
             line = _field_line(self.text, header, key) if header else None
             return place + (f":{line}" if line else "") + f", [adapter], field '{key}'"
+        if rule is not None and key in self.params and key not in rule.params:  # inherited from [adapter]
+            return f"{self.where(None, key)} (used by rule '{rule.name}')"
         if rule is not None:
             line = _field_line(self.text, rule.line, key) if key else rule.line
             place += f":{line}" if line else ""
@@ -82,8 +87,12 @@ def layer_of(name: str, pattern: str | None = None) -> int | None:
     if pattern is None:
         m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
     else:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        m = re.match(_layers_regex(pattern), name)
     return int(m.group(1)) if m else None
+
+
+def _layers_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(\d+)\."
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -101,7 +110,9 @@ def _field_line(text: str | None, start: int | None, key: str) -> int | None:
 
 
 def _header_lines(text: str, header: str) -> list[int]:
-    return [i + 1 for i, line in enumerate(text.splitlines()) if line.strip().replace(" ", "") == header]
+    """Lines (1-based) of a table header such as ``[[rule]]``, spaces and a trailing comment allowed."""
+    return [i + 1 for i, line in enumerate(text.splitlines())
+            if line.split("#", 1)[0].replace(" ", "").replace("\t", "") == header]
 
 
 def _did_you_mean(key: str, known: Iterable[str]) -> str:
@@ -131,6 +142,8 @@ def _regex(value, where: str, key: str) -> str:
         raise RuleError(f"'{key}' must be a string (a regular expression), got {value!r}", where=where)
     try:
         re.compile(value)
+        if key == "layers_pattern":
+            re.compile(_layers_regex(value))  # as layer_of uses it (e.g. global flags must come first)
     except re.error as exc:
         raise RuleError(f"'{key}' is not a valid regular expression: {exc}", where=where,
                         fix="write the regex in single quotes ('...') so backslashes stay literal") from exc
@@ -168,30 +181,42 @@ def load_rules(path: str | Path) -> RuleSet:
     return parse_rules(text, source=str(path))
 
 
+def _top_where(source: str | None, text: str | None, key: str) -> str:
+    """``file:line`` of a top-level ``key = ...`` or of a ``[key]`` / ``[[key]]`` / ``[key.x]`` header."""
+    pattern = re.compile(rf"\s*(\[\[?\s*{re.escape(key)}\s*[\].]|{re.escape(key)}\s*=)")
+    line = next((i + 1 for i, text_line in enumerate((text or "").splitlines()) if pattern.match(text_line)), None)
+    return (source or "<rules>") + (f":{line}" if line else "")
+
+
 def rules_from_dict(data: Mapping[str, Any], *, source: str | None = None, text: str | None = None) -> RuleSet:
     where = source or "<rules>"
     if not isinstance(data, Mapping):
         raise RuleError("a rule set must be a table", where=where)
     for key in data:
         if key not in _TOP_KEYS:
-            raise RuleError(f"unknown top-level key '{key}'", where=where, fix=_did_you_mean(key, _TOP_KEYS))
+            raise RuleError(f"unknown top-level key '{key}'", where=_top_where(source, text, key),
+                            fix=_did_you_mean(key, _TOP_KEYS))
     schema = data.get("schema", SCHEMA)
     if schema != SCHEMA:
-        raise RuleError(f"unsupported schema {schema!r}", where=where, fix=f"this rewriter reads schema = {SCHEMA}")
-    adapter = dict(data.get("adapter", {}))
+        raise RuleError(f"unsupported schema {schema!r}", where=_top_where(source, text, "schema"),
+                        fix=f"this rewriter reads schema = {SCHEMA}")
     if not isinstance(data.get("adapter", {}), Mapping):
-        raise RuleError("[adapter] must be a table", where=where)
+        raise RuleError("[adapter] must be a table", where=_top_where(source, text, "adapter"))
+    adapter = dict(data.get("adapter", {}))
     name = adapter.pop("name", "default")
     method = adapter.pop("method", "lora")
+    located = RuleSet(source=source, text=text)  # locates [adapter] fields before the rule set exists
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise RuleError(f"adapter name {name!r} must be an identifier (letters, digits, _)", where=where + ", [adapter]")
+        raise RuleError(f"adapter name {name!r} must be an identifier (letters, digits, _)",
+                        where=located.where(None, "name"))
     if not isinstance(method, str):
-        raise RuleError(f"method must be a string, got {method!r}", where=where + ", [adapter]")
+        raise RuleError(f"method must be a string, got {method!r}", where=located.where(None, "method"))
     ruleset = RuleSet(adapter=name, method=method, params=adapter, source=source, text=text)
     _check_params(ruleset, method, adapter, None)
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
-        raise RuleError("'rule' must be an array of tables: write each rule as [[rule]]", where=where)
+        raise RuleError("'rule' must be an array of tables: write each rule as [[rule]]",
+                        where=_top_where(source, text, "rule"))
     if not raw_rules:
         raise RuleError("the rule set has no rules", where=where, fix="add at least one [[rule]] with a match or suffix")
     lines = _header_lines(text, "[[rule]]") if text else []
@@ -209,9 +234,10 @@ def rules_from_dict(data: Mapping[str, Any], *, source: str | None = None, text:
 
 def _parse_rule(ruleset: RuleSet, raw, index: int, line: int | None) -> Rule:
     if not isinstance(raw, Mapping):
-        raise RuleError("each rule must be a table", where=f"{ruleset.source or '<rules>'}:{line}")
+        raise RuleError("each rule must be a table", where=ruleset.where(Rule(name=f"rule-{index + 1}", line=line)))
     name = raw.get("name", f"rule-{index + 1}")
-    stub = Rule(name=str(name), line=line)
+    params = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
+    stub = Rule(name=str(name), line=line, params=params)  # for messages (a rule's own params are located there)
     if not isinstance(name, str) or not name:
         raise RuleError(f"rule name must be a non-empty string, got {name!r}", where=ruleset.where(stub, "name"))
     action = raw.get("action", "adapt")
@@ -219,7 +245,6 @@ def _parse_rule(ruleset: RuleSet, raw, index: int, line: int | None) -> Rule:
         raise RuleError(f"action must be one of {list(ACTIONS)}, got {action!r}", where=ruleset.where(stub, "action"),
                         fix=_did_you_mean(str(action), ACTIONS))
     method = raw.get("method", ruleset.method)
-    params = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
     if action != "adapt":
         for key in list(params) + (["method"] if "method" in raw else []):
             raise RuleError(f"'{key}' has no meaning in a '{action}' rule", where=ruleset.where(stub, key),
@@ -240,10 +265,25 @@ def _parse_rule(ruleset: RuleSet, raw, index: int, line: int | None) -> Rule:
     rule = Rule(name=name, match=match, suffix=suffix, layers=layers, layers_pattern=layers_pattern, action=action,
                 method=method if "method" in raw else None, params=params, optional=optional, line=line)
     if action == "adapt":
+        _check_misspelt_rule_keys(ruleset, rule, method)
         # rule params override [adapter] params; a method change drops [adapter] params it does not know
         base = ruleset.params if rule.method in (None, ruleset.method) else {}
         _check_params(dataclasses.replace(ruleset, params=base), method, params, rule)
     return rule
+
+
+def _check_misspelt_rule_keys(ruleset: RuleSet, rule: Rule, method: str) -> None:
+    """'sufix' is a misspelt rule key, not an unknown parameter of the method: suggest the rule key."""
+    try:
+        spec = get_method(method)
+    except RewriterError:
+        return  # _check_params reports the method
+    accepted = set(spec.field_names()) | set(spec.aliases) | set(spec.ignored_peft_fields)
+    for key in rule.params:
+        close = difflib.get_close_matches(key, sorted(accepted | _RULE_KEYS), n=1)
+        if key not in accepted and close and close[0] in _RULE_KEYS:
+            raise RuleError(f"unknown key '{key}' in a rule", where=ruleset.where(rule, key),
+                            fix=f"did you mean '{close[0]}'?")
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -295,6 +335,7 @@ def plan(ruleset: RuleSet, sites: Sequence[Site], module_names: Sequence[str] = 
     counts = {r.name: 0 for r in ruleset.rules}
     unmatched, shadowed, warnings = {}, {}, []
     configs: dict[tuple, Any] = {}
+    fitted: set[tuple] = set()  # (rule, method, site shape): size checks depend on nothing else
     for rule in ruleset.rules:
         universe = module_names if rule.action == "train" else site_names
         hits = [n for n in universe if rule.matches(n)]
@@ -332,12 +373,28 @@ def plan(ruleset: RuleSet, sites: Sequence[Site], module_names: Sequence[str] = 
                 configs[key] = get_method(method).make_config({**base, **rule.params})
             except ConfigError as exc:
                 raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
+        shape = (*key, site.in_features, site.out_features, site.bias is not None, site.dtype)
+        if shape not in fitted:
+            _check_fits(ruleset, rule, method, configs[key], site)
+            fitted.add(shape)
         decisions.append(Decision(site=site.name, rule=rule.name, method=method, config=configs[key]))
     if not decisions:
         raise RuleError("the rules select no site to adapt", where=ruleset.source or "<rules>",
                         fix="check that at least one adapt rule matches the model (rewriter explain shows names)")
     return Plan(adapter=ruleset.adapter, decisions=decisions, train=train, counts=counts, skipped=skipped,
                 unmatched=unmatched, shadowed=shadowed, warnings=warnings)
+
+
+def _check_fits(ruleset: RuleSet, rule: Rule, method: str, config, site: Site) -> None:
+    """Build the site's adapter on the meta device (no memory, no random draws) so that size
+    checks (mini_r, BOFT blocks, n_frequency, ...) fail while planning, naming the rule."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # size adjustments warn again when the adapter is built
+            get_method(method).module_cls(site, config)
+    except ConfigError as exc:
+        what = exc.what if site.name in exc.what else f"{site.name}: {exc.what}"
+        raise RuleError(what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
 
 
 def format_plan(p: Plan, sites: Sequence[Site] | None = None) -> str:

@@ -62,21 +62,21 @@ def _geometry(site, config: BOFTConfig) -> tuple[int, int]:
     features, extra = site.in_features, config.boft_n_butterfly_factor - 1
     span = 2 ** extra  # the last factor mixes blocks across chunks of 2^(N-1) blocks
 
-    def fail(what):
+    def fail(what, field="boft_n_butterfly_factor"):
         raise ConfigError(f"{site.name}: {what} (in_features={features}, boft_n_butterfly_factor="
-                          f"{config.boft_n_butterfly_factor})", field="boft_n_butterfly_factor")
+                          f"{config.boft_n_butterfly_factor})", field=field)
 
     if config.boft_block_num:
         num = config.boft_block_num
         if features % num:
-            fail(f"boft_block_num={num} does not divide in_features")
+            fail(f"boft_block_num={num} does not divide in_features", "boft_block_num")
         if extra and (extra > int(math.log2(num)) or num % span):
             fail(f"boft_block_num={num} must be a multiple of 2^(boft_n_butterfly_factor - 1) = {span}")
         size = features // num
     else:
         size = config.boft_block_size
         if features % size:
-            fail(f"boft_block_size={size} does not divide in_features")
+            fail(f"boft_block_size={size} does not divide in_features", "boft_block_size")
         if extra and features % (size * span):
             fail(f"boft_block_size * 2^(boft_n_butterfly_factor - 1) = {size * span} does not divide in_features")
         num = features // size
