@@ -433,8 +433,9 @@ class Adapted(nn.Module):
             return
         self._check_mergeable(names)
         order = self._merged + names
+        from .progress import bar
         folded = {}
-        for site in self.sites.values():
+        for site in bar(self.sites.values(), desc="merging", unit="site"):
             stack = [self.adapters[a].modules[site.name] for a in order if site.name in self.adapters[a].modules]
             if not stack:
                 continue
