@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("demo", cmd_demo, "train a LoRA on MiniLM, merge, check, export (about a minute)")
     p.add_argument("--out", default="rewriter-demo")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     return parser
 
 

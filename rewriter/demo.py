@@ -37,7 +37,7 @@ def load_topics() -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int
     return labels, train, test
 
 
-def run_demo(out: Path = Path("rewriter-demo"), steps: int = 150, quiet: bool = False, seed: int = 0) -> dict:
+def run_demo(out: Path = Path("rewriter-demo"), steps: int = 100, quiet: bool = False, seed: int = 0) -> dict:
     import transformers
     from tqdm.auto import tqdm
 
@@ -64,7 +64,9 @@ def run_demo(out: Path = Path("rewriter-demo"), steps: int = 150, quiet: bool = 
     t0 = time.perf_counter()
     adapted = rewriter.apply(model, rules_path, example_inputs=example)
     say(f"rules: {rules_path} -> traced and rewritten in {time.perf_counter() - t0:.1f}s")
-    say(adapted.explain().split("\n")[0] + f"; {adapted.print_trainable_parameters() if not quiet else ''}")
+    say(adapted.explain().split("\n")[0])
+    if not quiet:
+        adapted.print_trainable_parameters()
 
     @torch.no_grad()
     def accuracy():
