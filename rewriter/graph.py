@@ -60,7 +60,8 @@ def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtyp
     xs = [x] * (len(stack) + 1)
     for k in reversed(range(len(stack))):
         xs[k] = ops.pre(stack[k], xs[k + 1]) if stack[k].module.has_pre else xs[k + 1]
-    y = ops.base(xs[0])
+    skip_base = bool(stack) and stack[0].module.replaces_base and not gated
+    y = None if skip_base else ops.base(xs[0])
     for k, entry in enumerate(stack):
         if entry.module.has_post:
             y = ops.post(entry, xs[k + 1], y, bias)
@@ -232,5 +233,7 @@ def build_graph(base: fx.Graph, sites: dict[str, Site], stacks: dict[str, list[S
         y = chain(ops, x, bias, stack, dtype)
         for user in users:
             user.replace_input_with(node, y)
+        if not node.users:  # the lowest adapter replaced the base matmul
+            graph.erase_node(node)
     graph.lint()
     return graph

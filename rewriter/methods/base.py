@@ -40,6 +40,9 @@ class AdapterModule(nn.Module):
     #: ``post`` also needs the site's current weight (``[out, in]`` layout), passed as
     #: ``weight=``; such an adapter must be the lowest unmerged adapter on its site
     needs_weight: ClassVar[bool] = False
+    #: ``post`` ignores ``y`` (it recomputes the layer itself, e.g. MiSS-bat): when such an adapter is
+    #: the lowest unmerged one, the base matmul is not computed at all (``post`` gets ``y=None``)
+    replaces_base: ClassVar[bool] = False
     #: ``post`` uses ``bias``: it then gets the bias as the levels below left it (see ``fold_bias``)
     reads_bias: ClassVar[bool] = False
     #: why this method cannot be folded into the weight (None: it can)

@@ -131,6 +131,7 @@ class MissMiniModule(MissModule):
 class MissBatModule(MissModule):
     additive = False
     needs_weight = True
+    replaces_base = True
 
     def __init__(self, site, config: MissConfig):
         super().__init__(site, config)
