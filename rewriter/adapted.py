@@ -41,6 +41,11 @@ class AdapterRecord:
     def decision(self, site: str):
         return next(d for d in self.plan.decisions if d.site == site)
 
+    @property
+    def scope(self) -> str:
+        """"site" (adapters at linear sites) or "graph" (the method rewrites the graph itself)."""
+        return get_method(self.method).scope
+
 
 def coerce_rules(rules) -> RuleSet:
     """A RuleSet from a RuleSet, a path, TOML text, or a dict."""
@@ -79,6 +84,7 @@ class Adapted(nn.Module):
         self.gm.add_submodule(ADAPTERS_ATTR, nn.Module())
         self.gm.add_submodule(MERGED_ATTR, nn.Module())
         self._mixed: dict[tuple[str, ...], fx.GraphModule] = {}  # mixed-batch graphs, by adapter set
+        self._graph_targets: dict[str, dict[str, Any]] = {}  # graph-scope method -> its targets, by name
         self.adapters: dict[str, AdapterRecord] = {}
         self._active: list[str] = []
         self._merged: list[str] = []
@@ -126,13 +132,31 @@ class Adapted(nn.Module):
         return [n for n, m in self.gm.named_modules()
                 if n and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)) and any(True for _ in m.parameters(recurse=False))]
 
+    def targets(self, method: str) -> dict[str, Any]:
+        """What rules of ``method`` match: the linear sites, or a graph-scope method's own targets
+        (e.g. Llama-Adapter's attention blocks), by name in graph order."""
+        spec = get_method(method)
+        if spec.scope == "site":
+            return self.sites
+        if method not in self._graph_targets:
+            self._graph_targets[method] = {t.name: t for t in spec.find_targets(self)}
+        return self._graph_targets[method]
+
+    def target(self, name: str, method: str):
+        return self.targets(method)[name]
+
     def add_adapter(self, rules, adapter_name: str | None = None, *, activate: bool | None = None) -> AdapterRecord:
         """Plan ``rules`` against this model's sites and insert the adapter.
         The first adapter becomes active; later ones only with ``activate=True`` or ``set_adapter``."""
         ruleset = coerce_rules(rules)
         name = adapter_name or ruleset.adapter
         self._check_new_name(name)
-        p = plan(ruleset, list(self.sites.values()), self._module_names())
+        try:
+            candidates = self.targets(ruleset.method)
+        except ConfigError as exc:
+            raise ConfigError(exc.what, where=ruleset.where(None, exc.field) if exc.field else ruleset.source,
+                              field=exc.field, fix=exc.fix) from None
+        p = plan(ruleset, list(candidates.values()), self._module_names())
         p.adapter = name
         for w in p.warnings:
             warnings.warn(w, stacklevel=2)
@@ -149,7 +173,7 @@ class Adapted(nn.Module):
         """Fresh adapter modules for a plan, on the weights' device (or ``device``, e.g. "meta")."""
         modules = {}
         for d in p.decisions:
-            site = self.sites[d.site]
+            site = self.target(d.site, d.method)
             weight = self.gm.get_parameter(site.weight)
             with torch.device(device or "cpu"):
                 module = get_method(d.method).module_cls(site, d.config)
@@ -160,13 +184,19 @@ class Adapted(nn.Module):
                 activate: bool | None = None, method: str | None = None) -> AdapterRecord:
         """Register ready adapter modules (built by :meth:`build_modules`) under ``name``."""
         self._check_new_name(name)
-        missing = [d.site for d in p.decisions if d.site not in self.sites]
+        missing = [d.site for d in p.decisions if d.site not in self.targets(d.method)]
         if missing:
             raise RewriterError(f"adapter '{name}' targets modules this model does not have: {missing[:5]}")
+        main = method or (ruleset.method if ruleset is not None else p.decisions[0].method)
+        scopes = {get_method(d.method).scope for d in p.decisions} | {get_method(main).scope}
+        if len(scopes) > 1:
+            raise ConfigError(f"adapter '{name}' mixes a graph-level method ({main}) with per-layer methods "
+                              f"{sorted({d.method for d in p.decisions} - {main})}",
+                              fix="put them in separate adapters (one rule file each) and activate both")
         for module in modules.values():
             module.train(self.training)  # new modules follow the model's mode (dropout off in eval)
-        self._container.add_module(name, nn.ModuleDict({self.sites[s].key: m for s, m in modules.items()}))
-        main = method or (ruleset.method if ruleset is not None else p.decisions[0].method)
+        keys = {d.site: self.target(d.site, d.method).key for d in p.decisions}
+        self._container.add_module(name, nn.ModuleDict({keys[s]: m for s, m in modules.items()}))
         record = AdapterRecord(name=name, method=main, plan=p, ruleset=ruleset, modules=modules,
                                train_modules=[m for m, _ in p.train])
         spec = get_method(main)
@@ -188,7 +218,7 @@ class Adapted(nn.Module):
                 for n, p in self.gm.named_parameters():
                     if n.endswith("bias") and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)):
                         p.requires_grad_(True)
-            elif mode != "none" and self.sites[d.site].bias:
+            elif mode != "none" and d.site in self.sites and self.sites[d.site].bias:
                 self.gm.get_parameter(self.sites[d.site].bias).requires_grad_(True)
         for module in record.train_modules:
             for p in self.gm.get_submodule(module).parameters(recurse=False):
@@ -278,6 +308,8 @@ class Adapted(nn.Module):
             if name in self._merged:
                 continue
             record = self.adapters[name]
+            if record.scope == "graph":
+                continue  # applied by _rewrite_graph
             for d in record.plan.decisions:
                 key = self.sites[d.site].key
                 stacks.setdefault(d.site, []).append(StackEntry(
@@ -304,13 +336,30 @@ class Adapted(nn.Module):
             for module in record.modules.values():
                 module.requires_grad_(name in live and not self._disabled)
         previous = _code_key(self.gm)
-        self.gm.graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())  # recompiles
+        graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
+        self.gm.graph = self._rewrite_graph(graph)  # recompiles
         _forget_code(previous)
         for mixed in self._mixed.values():
             _forget_code(_code_key(mixed))
         self._mixed.clear()
         from .training import apply_activation_checkpointing
         apply_activation_checkpointing(self)  # keeps gradient checkpointing across regenerations
+
+    def _rewrite_graph(self, graph: fx.Graph) -> fx.Graph:
+        """Apply the active graph-scope adapters (bottom first) to the graph with site adapters."""
+        if self._disabled:
+            return graph
+        for name in self._active:
+            record = self.adapters[name]
+            if record.scope != "graph" or name in self._merged:
+                continue
+            entries = [(self.target(d.site, d.method),
+                        StackEntry(f"{ADAPTERS_ATTR}.{name}.{self.target(d.site, d.method).key}",
+                                   record.modules[d.site], {"adapter": name, "rule": d.rule, "method": d.method}))
+                       for d in record.plan.decisions]
+            graph = get_method(record.method).rewrite(graph, entries, self)
+            graph.lint()
+        return graph
 
     # ---- calling ----------------------------------------------------------------------------
 
@@ -359,7 +408,9 @@ class Adapted(nn.Module):
         names = list(adapter_names)
         used = tuple(sorted({n for n in names if n != "__base__"}))
         for n in used:
-            self._require(n)
+            if self._require(n).scope == "graph":
+                raise RewriterError(f"adapter '{n}' ({self.adapters[n].method}) rewrites the graph as a whole, so it "
+                                    "cannot be chosen per sample", fix="run its samples in a batch of their own")
         if self._merged:
             raise RewriterError("mixed-batch inference needs unmerged adapters", fix="call unmerge() first")
         if self._disabled:
@@ -579,6 +630,12 @@ class Adapted(nn.Module):
     def load_adapter(self, directory, adapter_name: str | None = None, *, activate: bool | None = None):
         from .checkpoint import load_adapter_into
         return load_adapter_into(self, directory, adapter_name=adapter_name, activate=activate)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
+        """Token generation for causal LMs with a static-KV-cache graph rewritten like this one
+        (see :func:`rewriter.generate.generate`)."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def code(self) -> str:
         from .exporter import graph_code

@@ -331,8 +331,9 @@ def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, ac
 def _materialise(adapted, p: Plan, low_cpu_mem_usage: bool):
     modules = adapted.build_modules(p, device="meta" if low_cpu_mem_usage else None)
     if low_cpu_mem_usage:  # real storage only now, right before the values are copied in
+        methods = {d.site: d.method for d in p.decisions}
         for site, m in modules.items():
-            w = adapted.gm.get_parameter(adapted.sites[site].weight)
+            w = adapted.gm.get_parameter(adapted.target(site, methods[site]).weight)
             modules[site] = m.to_empty(device=w.device)
             modules[site].init_buffers()
     return modules
@@ -340,9 +341,9 @@ def _materialise(adapted, p: Plan, low_cpu_mem_usage: bool):
 
 def _check_sites(adapted, p: Plan, where: str) -> None:
     import difflib
-    missing = [d.site for d in p.decisions if d.site not in adapted.sites]
+    missing = [d.site for d in p.decisions if d.site not in adapted.targets(d.method)]
     if missing:
-        close = difflib.get_close_matches(missing[0], list(adapted.sites), n=1)
+        close = difflib.get_close_matches(missing[0], list(adapted.targets(p.decisions[0].method)), n=1)
         raise CheckpointError(f"the model has no module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}",
                               where=where, fix=(f"closest: '{close[0]}'; " if close else "")
                               + "was the adapter trained on another architecture or renamed modules?")

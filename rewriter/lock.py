@@ -118,7 +118,8 @@ def plan_entry(adapted, name: str, ruleset: RuleSet, p: Plan, rules_path: str) -
     rules: dict[str, Any] = {}
     for d in p.decisions:
         rules.setdefault(d.rule, {"method": d.method, "params": get_method(d.method).config_dict(d.config)})
-    sites = {d.site: {"rule": d.rule, "shape": [adapted.sites[d.site].out_features, adapted.sites[d.site].in_features]}
+    shapes = {d.site: adapted.target(d.site, d.method) for d in p.decisions}
+    sites = {d.site: {"rule": d.rule, "shape": [shapes[d.site].out_features, shapes[d.site].in_features]}
              for d in p.decisions}
     return _jsonable({"name": name, "rules_file": rules_path,
                       "rules_sha256": text_sha256(ruleset),

@@ -217,6 +217,8 @@ def rules_from_dict(data: Mapping[str, Any], *, source: str | None = None, text:
     if not isinstance(raw_rules, list):
         raise RuleError("'rule' must be an array of tables: write each rule as [[rule]]",
                         where=_top_where(source, text, "rule"))
+    if not raw_rules and get_method(method).scope == "graph":  # the method finds its own targets
+        return dataclasses.replace(ruleset, rules=(Rule(name="all", match=".*"),))
     if not raw_rules:
         raise RuleError("the rule set has no rules", where=where, fix="add at least one [[rule]] with a match or suffix")
     lines = _header_lines(text, "[[rule]]") if text else []

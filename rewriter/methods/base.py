@@ -125,6 +125,18 @@ class MethodSpec:
     #: optional ``(peft_config, tensors) -> peft_config`` run before a PEFT checkpoint is planned,
     #: for configs that do not say what PEFT really trained (BOFT's CUDA fallback)
     peft_config_fixup: Any = None
+    #: "site": the method adapts the linear sites that rules select.  "graph": the method finds its
+    #: own targets in the graph and rewrites the live graph itself (Llama-Adapter: attention blocks;
+    #: X-LoRA: the whole model).  Rules then match target names instead of site names.
+    scope: str = "site"
+    #: scope "graph": ``find_targets(adapted) -> list[target]``, candidate targets in graph order.  A
+    #: target is Site-like: ``name`` (what rules match), ``key`` (attribute-safe), ``weight`` (path of a
+    #: parameter whose device and dtype the adapter follows), ``in_features``, ``out_features``,
+    #: ``bias``, ``dtype``.  Raise ConfigError naming the layer when the graph has no such pattern.
+    find_targets: Any = None
+    #: scope "graph": ``rewrite(graph, entries, adapted) -> fx.Graph`` applied to the live graph after
+    #: the site adapters were inserted; ``entries`` = [(target, StackEntry)] of one active adapter
+    rewrite: Any = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]
