@@ -27,6 +27,10 @@ from .rules import Plan, RuleSet, load_rules, parse_rules, plan, rules_from_dict
 from .sites import Site, find_sites, normalize
 from .trace import Traced, trace_model
 
+#: submodule holding each adapter's own copies of the modules its ``train`` rules name (PEFT's
+#: modules_to_save): ``rewriter_trained.<adapter>.<module key>__<param>``
+TRAINED_ATTR = "rewriter_trained"
+
 
 @dataclass
 class AdapterRecord:
@@ -83,6 +87,7 @@ class Adapted(nn.Module):
             p.requires_grad_(False)
         self.gm.add_submodule(ADAPTERS_ATTR, nn.Module())
         self.gm.add_submodule(MERGED_ATTR, nn.Module())
+        self.gm.add_submodule(TRAINED_ATTR, nn.Module())
         self._mixed: dict[tuple[str, ...], fx.GraphModule] = {}  # mixed-batch graphs, by adapter set
         self._graph_targets: dict[str, dict[str, Any]] = {}  # graph-scope method -> its targets, by name
         self.adapters: dict[str, AdapterRecord] = {}
@@ -130,7 +135,8 @@ class Adapted(nn.Module):
 
     def _module_names(self) -> list[str]:
         return [n for n, m in self.gm.named_modules()
-                if n and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)) and any(True for _ in m.parameters(recurse=False))]
+                if n and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR, TRAINED_ATTR))
+                and any(True for _ in m.parameters(recurse=False))]
 
     def targets(self, method: str) -> dict[str, Any]:
         """What rules of ``method`` match: the linear sites, or a graph-scope method's own targets
@@ -204,6 +210,7 @@ class Adapted(nn.Module):
             own = {d.site: modules[d.site] for d in p.decisions if d.method == spec.name}
             default = ruleset.params if ruleset is not None else {}
             record.controller = spec.controller(own, spec.make_config(default) if default else p.decisions[0].config)
+        self._copy_trained_modules(record)
         self.adapters[name] = record
         self._unfreeze_biases(record)
         if activate or (activate is None and not self._active):
@@ -220,9 +227,49 @@ class Adapted(nn.Module):
                         p.requires_grad_(True)
             elif mode != "none" and d.site in self.sites and self.sites[d.site].bias:
                 self.gm.get_parameter(self.sites[d.site].bias).requires_grad_(True)
+
+    # ---- modules trained whole (train rules; PEFT's modules_to_save) ----------------------------
+
+    @property
+    def _trained_holder(self) -> nn.Module:
+        return self.gm.get_submodule(TRAINED_ATTR)
+
+    def _copy_trained_modules(self, record: AdapterRecord) -> None:
+        """Give the adapter its own copy of every module its train rules name: adapters never
+        share trained weights, and the model's own module stays as it was (used when disabled)."""
+        read = {n.target for n in self._base_graph.nodes if n.op == "get_attr"}
+        holder = nn.Module()
         for module in record.train_modules:
-            for p in self.gm.get_submodule(module).parameters(recurse=False):
-                p.requires_grad_(True)
+            for pname, param in self.gm.get_submodule(module).named_parameters(recurse=False):
+                if f"{module}.{pname}" not in read:
+                    raise RewriterError(f"module '{module}' is called as a whole in the graph, so adapter "
+                                        f"'{record.name}' cannot give it its own trained copy",
+                                        fix="trace the model with torch.export (rewriter.trace), which reads "
+                                            "parameters one by one, or drop the train rule for it")
+                copy = nn.Parameter(param.detach().clone(), requires_grad=False)
+                holder.register_parameter(_trained_key(module, pname), copy)
+        self._trained_holder.add_module(record.name, holder)
+
+    def trained_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter ``name``'s own copies of its trained modules' parameters, by original path."""
+        record = self._require(name)
+        holder = getattr(self._trained_holder, name, None)
+        if holder is None:
+            return {}
+        return {f"{m}.{p}": getattr(holder, _trained_key(m, p))
+                for m in record.train_modules for p, _ in self.gm.get_submodule(m).named_parameters(recurse=False)}
+
+    def _trained_map(self) -> dict[str, str]:
+        """Original parameter path -> the copy the live graph reads: the topmost active adapter's."""
+        if self._disabled:
+            return {}
+        out = {}
+        for name in self._active:
+            if hasattr(self._trained_holder, name):
+                for path in self.trained_parameters(name):
+                    module, _, pname = path.rpartition(".")
+                    out[path] = f"{TRAINED_ATTR}.{name}.{_trained_key(module, pname)}"
+        return out
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapters; several stack in the given order (bottom first)."""
@@ -263,6 +310,8 @@ class Adapted(nn.Module):
             raise RewriterError(f"adapter '{name}' is merged", fix="unmerge() before deleting it")
         del self.adapters[name]
         delattr(self._container, name)
+        if hasattr(self._trained_holder, name):
+            delattr(self._trained_holder, name)
         self._active = [a for a in self._active if a != name]
         self._refresh()
 
@@ -335,6 +384,8 @@ class Adapted(nn.Module):
         for name, record in self.adapters.items():
             for module in record.modules.values():
                 module.requires_grad_(name in live and not self._disabled)
+            for copy in self.trained_parameters(name).values():
+                copy.requires_grad_(name in live and not self._disabled)
         previous = _code_key(self.gm)
         graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
         self.gm.graph = self._rewrite_graph(graph)  # recompiles
@@ -349,6 +400,10 @@ class Adapted(nn.Module):
         """Apply the active graph-scope adapters (bottom first) to the graph with site adapters."""
         if self._disabled:
             return graph
+        trained = self._trained_map()
+        for node in graph.nodes:
+            if node.op == "get_attr" and node.target in trained:
+                node.target = trained[node.target]
         for name in self._active:
             record = self.adapters[name]
             if record.scope != "graph" or name in self._merged:
@@ -411,6 +466,10 @@ class Adapted(nn.Module):
             if self._require(n).scope == "graph":
                 raise RewriterError(f"adapter '{n}' ({self.adapters[n].method}) rewrites the graph as a whole, so it "
                                     "cannot be chosen per sample", fix="run its samples in a batch of their own")
+            if self.adapters[n].train_modules:
+                raise RewriterError(f"adapter '{n}' trains whole modules ({', '.join(self.adapters[n].train_modules)}), "
+                                    "which cannot be chosen per sample yet",
+                                    fix="run its samples in a batch of their own")
         if self._merged:
             raise RewriterError("mixed-batch inference needs unmerged adapters", fix="call unmerge() first")
         if self._disabled:
@@ -524,6 +583,8 @@ class Adapted(nn.Module):
         """Fold adapters into the model's own weights and return the plain model (the original
         ``nn.Module`` when one was traced, else the GraphModule).  Tied weights are untied first."""
         self.merge(adapter_names, safe=safe)
+        for path, copy in self._trained_map().items():  # the live trained copies become the model's own
+            self._write_back(path, self.gm.get_parameter(copy).detach())
         holder = self._merged_holder
         for site in self.sites.values():
             if not hasattr(holder, f"{site.key}__weight"):
@@ -564,8 +625,9 @@ class Adapted(nn.Module):
         self._clear_merged()
         self.adapters.clear()
         self._active = []
-        for name in list(self._container._modules):
-            delattr(self._container, name)
+        for holder in (self._container, self._trained_holder):
+            for name in list(holder._modules):
+                delattr(holder, name)
         self._refresh()
         return self.source_model if self.source_model is not None else self.gm
 
@@ -644,6 +706,10 @@ class Adapted(nn.Module):
     def extra_repr(self) -> str:
         return (f"sites={len(self.sites)}, adapters={list(self.adapters)}, active={self._active}, "
                 f"merged={self._merged}")
+
+
+def _trained_key(module: str, pname: str) -> str:
+    return f"{module.replace('.', '__')}__{pname}"
 
 
 def _code_key(gm: fx.GraphModule) -> str | None:

@@ -199,11 +199,8 @@ def save_adapter(adapted, directory, adapter_names: Sequence[str] | None = None,
 
 
 def _train_state(adapted, record) -> dict[str, torch.Tensor]:
-    out = {}
-    for module in record.train_modules:
-        for pname, p in adapted.gm.get_submodule(module).named_parameters(recurse=False):
-            out[f"{module}.{pname}"] = p
-    return out
+    """The adapter's own copies of the modules it trains whole, under the modules' names."""
+    return adapted.trained_parameters(record.name)
 
 
 def _save_one(adapted, name: str, directory: Path) -> None:
@@ -415,10 +412,11 @@ def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: st
         raise CheckpointError(f"saved module weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                               f"shape mismatch {bad[:4]}", where=where)
     cast = {k: _cast_checked(tensors[k], param, k, where) for k, param in expected.items()}
-    if not check_only:
+    if not check_only:  # into the adapter's own copies; the model's modules stay as they are
+        copies = adapted.trained_parameters(p.adapter)
         with torch.no_grad():
-            for k, param in expected.items():
-                param.copy_(cast[k])
+            for k in expected:
+                copies[k].copy_(cast[k])
 
 
 def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage):
@@ -447,7 +445,7 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
         out_emb = next((n for n, m in source.named_modules() if m is emb), None) if emb is not None else None
     ruleset = rules_from_peft_config(cfg, adapter_name=name, model_type=model_type, output_embedding=out_emb,
                                      source=str(cfg_path))
-    p = make_plan(ruleset, list(adapted.sites.values()), adapted._module_names())
+    p = make_plan(ruleset, list(adapted.targets(spec.name).values()), adapted._module_names())
     site_keys = {f"{d.site}.{peft}" for d in p.decisions for peft in spec.peft_keys}
     site_tensors = {k: v for k, v in tensors.items() if k in site_keys or _belongs_to_site(k, p)}
     train_tensors = {k: v for k, v in tensors.items() if k not in site_tensors}

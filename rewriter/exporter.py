@@ -74,6 +74,16 @@ def _swap_in_merged(adapted) -> list:
     """Put folded weights where the original (untied) parameters were; tied ones keep their
     separate folded copy so the other users of the tensor see the original."""
     gm, holder, swapped = adapted.gm, adapted._merged_holder, []
+    # modules trained whole: the live copies go under the original names too
+    for path, copy in adapted._trained_map().items():
+        owner_path, _, attr = path.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        swapped.append((owner, attr, gm.get_parameter(path)))
+        setattr(owner, attr, torch.nn.Parameter(gm.get_parameter(copy).detach(), requires_grad=False))
+    trained = adapted._trained_holder
+    for name in list(trained._modules):  # detached while exporting, so the graph reads the original names
+        swapped.append((trained, name, trained._modules[name]))
+        delattr(trained, name)
     for site in adapted.sites.values():
         for path, key in ((site.weight, f"{site.key}__weight"), (site.bias, f"{site.key}__bias")):
             if path is None or not hasattr(holder, key):
