@@ -689,9 +689,13 @@ class Adapted(nn.Module):
         from .checkpoint import save_adapter
         return save_adapter(self, directory, adapter_names=adapter_names, format=format)
 
-    def load_adapter(self, directory, adapter_name: str | None = None, *, activate: bool | None = None):
+    def load_adapter(self, directory, adapter_name: str | None = None, *, activate: bool | None = None,
+                     low_cpu_mem_usage: bool = False, remap=None):
+        """Load an adapter directory (rewriter's or PEFT's format).  ``remap``: a dict or a TOML file with a
+        ``[remap]`` table renaming the checkpoint's modules (``"transformer.h" = "model.layers"``)."""
         from .checkpoint import load_adapter_into
-        return load_adapter_into(self, directory, adapter_name=adapter_name, activate=activate)
+        return load_adapter_into(self, directory, adapter_name=adapter_name, activate=activate,
+                                 low_cpu_mem_usage=low_cpu_mem_usage, remap=remap)
 
     def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
         """Token generation for causal LMs with a static-KV-cache graph rewritten like this one

@@ -14,12 +14,13 @@ dtypes, finiteness) before it touches the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -28,6 +29,7 @@ from safetensors.torch import save as st_save
 from .errors import CheckpointError, RewriterError
 from .methods import get_method
 from .rules import Decision, Plan, parse_rules
+from .sites import canonical_name
 
 MANIFEST = "rewriter_adapter.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -255,8 +257,25 @@ def _fill(modules, plan: Plan, tensors, key_of, extras: Mapping[str, Any], where
 
 
 def _save_one_peft(adapted, name: str, directory: Path) -> None:
+    save_peft = getattr(get_method(adapted.adapters[name].method).checkpoint_hooks, "save_peft", None)
+    if save_peft is not None:  # X-LoRA: its own layout (config, classifier, one directory per expert)
+        return save_peft(adapted, name, directory)
+    _save_record_peft(adapted, adapted.adapters[name], directory)
+
+
+def save_modules_peft(adapted, method: str, modules: Mapping[str, Any], directory: Path) -> None:
+    """``{site: module}`` of one method, not installed, as a PEFT checkpoint (X-LoRA's experts)."""
+    from .adapted import AdapterRecord
+    decisions = [Decision(site=site, rule="saved", method=method, config=m.config) for site, m in modules.items()]
+    p = Plan(adapter="expert", decisions=decisions, train=[], counts={"saved": len(decisions)}, skipped={},
+             unmatched={}, shadowed={})
+    _save_record_peft(adapted, AdapterRecord(name="expert", method=method, plan=p, ruleset=None,
+                                             modules=dict(modules)), directory)
+
+
+def _save_record_peft(adapted, record, directory: Path) -> None:
     from .peft_config import peft_config_for
-    record = adapted.adapters[name]
+    name = record.name
     methods = {d.method for d in record.plan.decisions}
     if len(methods) != 1:
         raise CheckpointError(f"adapter '{name}' mixes methods {sorted(methods)}; a PEFT config holds one",
@@ -303,8 +322,11 @@ def _adapter_dirs(directory: Path) -> list[Path]:
 
 
 def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, activate: bool | None = None,
-                      low_cpu_mem_usage: bool = False) -> list[str]:
-    """Load every adapter found in ``directory`` onto ``adapted``; returns their names."""
+                      low_cpu_mem_usage: bool = False, remap=None) -> list[str]:
+    """Load every adapter found in ``directory`` onto ``adapted``; returns their names.  ``remap``
+    (a dict, or a TOML file with a ``[remap]`` table) renames the checkpoint's module names first."""
+    from .rules import read_remap
+    remap = read_remap(remap)
     directory = Path(directory)
     dirs = _adapter_dirs(directory)
     if adapter_name is not None and len(dirs) > 1:
@@ -314,7 +336,7 @@ def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, ac
     for d in dirs:
         loader = _load_one if (d / MANIFEST).exists() else _load_one_peft
         name = adapter_name or (d.name if d != directory else None)
-        staged.append(loader(adapted, d, name, activate, low_cpu_mem_usage))
+        staged.append(loader(adapted, d, name, activate, low_cpu_mem_usage, remap))
     names = [name for name, _ in staged]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -346,7 +368,19 @@ def _check_sites(adapted, p: Plan, where: str) -> None:
                               + "was the adapter trained on another architecture or renamed modules?")
 
 
-def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage):
+def _remap_plan(p: Plan, remap) -> Plan:
+    if not remap:
+        return p
+    decisions = [dataclasses.replace(d, site=remap.apply(d.site)) for d in p.decisions]
+    names = [d.site for d in decisions]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CheckpointError(f"the remap table sends several saved modules to {twice[:3]}",
+                              fix="give every renamed prefix its own target in [remap]")
+    return dataclasses.replace(p, decisions=decisions, train=[(remap.apply(m), r) for m, r in p.train])
+
+
+def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage, remap):
     """Read and validate one rewriter-format adapter; returns ``(name, install)``."""
     where = str(directory / MANIFEST)
     try:
@@ -360,7 +394,7 @@ def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usag
                               fix=f"this rewriter reads version {FORMAT_VERSION}")
     name = adapter_name or manifest.get("adapter", "default")
     adapted._check_new_name(name)
-    p = _plan_from_json(manifest.get("plan", {}), where)
+    p = _remap_plan(_plan_from_json(manifest.get("plan", {}), where), remap)
     p.adapter = name
     _check_sites(adapted, p, where)
     method = manifest.get("method")
@@ -374,14 +408,16 @@ def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usag
     weights = directory / weights_name
     tensors = read_tensors(weights)
     _check_finite(tensors, str(weights))
-    site_tensors = {k: v for k, v in tensors.items() if k.startswith("sites/")}
-    train_tensors = {k[len("modules/"):]: v for k, v in tensors.items() if k.startswith("modules/")}
-    modules = _materialise(adapted, p, low_cpu_mem_usage)
+    site_tensors = {_remap_site_key(k, remap): v for k, v in tensors.items() if k.startswith("sites/")}
+    train_tensors = {remap.apply(k[len("modules/"):]): v for k, v in tensors.items() if k.startswith("modules/")}
     extras = manifest.get("site_extra") or {}
+    extras = {remap.apply(k): v for k, v in extras.items()} if isinstance(extras, Mapping) else extras
     hooked = {d.site for d in p.decisions if get_method(d.method).checkpoint_hooks is not None}
     if not isinstance(extras, Mapping) or not set(extras) <= hooked:
         raise CheckpointError("manifest 'site_extra' names sites whose method keeps no extra checkpoint data",
                               where=where, fix="the manifest was edited or corrupted: save the adapter again")
+    p = _configs_with_extras(p, extras)
+    modules = _materialise(adapted, p, low_cpu_mem_usage)
     _fill(modules, p, site_tensors, lambda site, k: f"sites/{site}/{k}", extras, str(weights))
     _fill_train(adapted, p, train_tensors, str(weights), check_only=True)
     ruleset = None
@@ -393,7 +429,65 @@ def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usag
     def install():
         adapted.install(name, p, ruleset, modules, activate=activate, method=method)
         _fill_train(adapted, p, train_tensors, str(weights))
-    return name, install
+    return name, _Staged(modules, install)
+
+
+def _remap_peft_config(cfg: dict, remap, spec, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Module names in a PEFT config, renamed.  Target patterns written for the old names cannot be
+    translated in general, so a per-layer method targets exactly the (renamed) modules that have
+    tensors in the checkpoint."""
+    cfg = dict(cfg)
+    for key in ("exclude_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = [remap.apply(n) for n in cfg[key]]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if isinstance(cfg.get(key), Mapping):
+            cfg[key] = {remap.apply(k): v for k, v in cfg[key].items()}
+    if spec.scope == "site":
+        suffixes = ["." + k for k in spec.peft_keys]
+        cfg["target_modules"] = sorted({k[:-len(s)] for k in tensors for s in suffixes if k.endswith(s)})
+        cfg["layers_to_transform"] = None
+    return cfg
+
+
+def _remap_site_key(key: str, remap) -> str:
+    """``sites/<site>/<tensor>`` with the site renamed."""
+    site, _, tensor = key[len("sites/"):].rpartition("/")
+    return f"sites/{remap.apply(site)}/{tensor}"
+
+
+def _configs_with_extras(p: Plan, extras: Mapping[str, Any]) -> Plan:
+    """Methods whose modules cannot be built from the config alone (X-LoRA: its experts' layouts)
+    take their saved extra into the config first."""
+    decisions = []
+    for d in p.decisions:
+        hook = getattr(get_method(d.method).checkpoint_hooks, "config_with_extra", None)
+        decisions.append(dataclasses.replace(d, config=hook(d.config, extras.get(d.site))) if hook else d)
+    return dataclasses.replace(p, decisions=decisions)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    """A read and validated adapter; calling it installs it.  X-LoRA takes its experts' ``modules``
+    from checkpoints this way without installing them."""
+    modules: dict
+    install: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.install()
+
+
+def read_adapter_modules(adapted, directory) -> dict:
+    """The ``{site: module}`` of the one adapter in ``directory`` (either format), validated, not installed."""
+    from .rules import read_remap
+    directory = Path(directory)
+    if _adapter_dirs(directory)[0] != directory:
+        raise CheckpointError("expected one adapter here, not a directory of adapters", where=str(directory))
+    name = "xlora_expert"
+    while name in adapted.adapters:
+        name += "_"
+    loader = _load_one if (directory / MANIFEST).exists() else _load_one_peft
+    return loader(adapted, directory, name, False, False, read_remap(None))[1].modules
 
 
 def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: str, check_only: bool = False) -> None:
@@ -419,7 +513,7 @@ def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: st
                 copies[k].copy_(cast[k])
 
 
-def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage):
+def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usage, remap):
     """Read and validate one PEFT-format adapter; returns ``(name, install)``."""
     from .peft_config import method_for_peft_type, read_peft_config, rules_from_peft_config
     from .rules import plan as make_plan
@@ -431,12 +525,18 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
         spec = method_for_peft_type(cfg["peft_type"])
     except CheckpointError as exc:  # name the file
         raise CheckpointError(exc.what, where=str(cfg_path), fix=exc.fix) from None
+    load_peft = getattr(spec.checkpoint_hooks, "load_peft", None)
+    if load_peft is not None:  # X-LoRA: experts from their own directories, the classifier from here
+        return load_peft(adapted, directory, cfg, name, activate)
     weights = directory / PEFT_WEIGHTS
     raw = read_tensors(weights)
     _check_finite(raw, str(weights))
-    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
+    tensors = {remap.apply(canonical_name(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k)): v
+               for k, v in raw.items()}
     if spec.peft_config_fixup is not None:
         cfg = spec.peft_config_fixup(cfg, tensors)
+    if remap:
+        cfg = _remap_peft_config(cfg, remap, spec, tensors)
     source = adapted.source_model
     model_type = getattr(getattr(source, "config", None), "model_type", None)
     out_emb = None
@@ -465,7 +565,7 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
     def install():
         adapted.install(name, p, ruleset, modules, activate=activate, method=spec.name)
         _fill_train(adapted, p, train_tensors, str(weights))
-    return name, install
+    return name, _Staged(modules, install)
 
 
 def _belongs_to_site(key: str, p: Plan) -> bool:
@@ -473,12 +573,12 @@ def _belongs_to_site(key: str, p: Plan) -> bool:
 
 
 def load_adapter(model_or_adapted, adapter_dir, adapter_name: str | None = None, *, example_inputs=None,
-                 low_cpu_mem_usage: bool = False):
+                 low_cpu_mem_usage: bool = False, remap=None):
     """Load an adapter directory (rewriter's or PEFT's format) onto a model, tracing it when
     needed, or onto an existing ``Adapted``; returns the ``Adapted``."""
     from .adapted import Adapted
     from .trace import trace_model
     adapted = model_or_adapted if isinstance(model_or_adapted, Adapted) else \
         Adapted(trace_model(model_or_adapted, example_inputs))
-    load_adapter_into(adapted, adapter_dir, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    load_adapter_into(adapted, adapter_dir, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, remap=remap)
     return adapted

@@ -24,7 +24,7 @@ from .sites import Site
 
 SCHEMA = 1
 ACTIONS = ("adapt", "skip", "train")
-_TOP_KEYS = {"schema", "adapter", "rule"}
+_TOP_KEYS = {"schema", "adapter", "rule", "remap"}
 _ADAPTER_KEYS = {"name", "method"}
 _RULE_KEYS = {"name", "match", "suffix", "layers", "layers_pattern", "action", "method", "optional"}
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -63,6 +63,7 @@ class RuleSet:
     rules: tuple[Rule, ...] = ()
     source: str | None = None   #: file path, for messages
     text: str | None = None     #: the file's text, saved beside checkpoints
+    remap: "Remap" = field(default_factory=lambda: Remap())  #: renames for checkpoints loaded with this file
 
     def where(self, rule: Rule | None = None, key: str | None = None) -> str:
         place = self.source or "<rules>"
@@ -79,6 +80,58 @@ class RuleSet:
         if key:
             place += f", field '{key}'"
         return place
+
+
+@dataclass(frozen=True)
+class Remap:
+    """An explicit rename table for module names in checkpoints (``[remap]`` in a rule file):
+    ``"old.prefix" = "new.prefix"``, matched on whole name components, the longest prefix first.
+    It lets an adapter trained on one module layout load on a renamed one."""
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    def apply(self, name: str) -> str:
+        for old, new in sorted(self.pairs, key=lambda pair: -len(pair[0])):
+            if name == old or name.startswith(old + "."):
+                return new + name[len(old):]
+        return name
+
+
+def parse_remap(table, where: str) -> Remap:
+    if not isinstance(table, Mapping):
+        raise RuleError("[remap] must be a table of \"old.name\" = \"new.name\"", where=where)
+    pairs = []
+    for old, new in table.items():
+        for value in (old, new):
+            if not isinstance(value, str) or not value or value.startswith(".") or value.endswith(".") \
+                    or ".." in value:
+                raise RuleError(f"[remap] entry {old!r} = {new!r}: both sides must be module names or name prefixes "
+                                "like \"transformer.h\"", where=f"{where}, [remap]",
+                                fix='e.g. "transformer.h" = "model.layers"')
+        pairs.append((old, new))
+    return Remap(tuple(pairs))
+
+
+def read_remap(source) -> Remap:
+    """A Remap from a Remap, a dict, or a TOML file with a ``[remap]`` table (a rule file or a
+    file of its own)."""
+    if source is None or isinstance(source, Remap):
+        return source or Remap()
+    if isinstance(source, Mapping):
+        return parse_remap(source, "<remap>")
+    path = Path(source)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(f"cannot read remap file: {exc}", where=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleError(f"invalid TOML: {exc}", where=str(path)) from None
+    if "remap" not in data:
+        raise RuleError("no [remap] table in this file", where=str(path),
+                        fix='add one: [remap] then lines like "transformer.h" = "model.layers"')
+    return parse_remap(data["remap"], str(path))
 
 
 def layer_of(name: str, pattern: str | None = None) -> int | None:
@@ -211,7 +264,8 @@ def rules_from_dict(data: Mapping[str, Any], *, source: str | None = None, text:
                         where=located.where(None, "name"))
     if not isinstance(method, str):
         raise RuleError(f"method must be a string, got {method!r}", where=located.where(None, "method"))
-    ruleset = RuleSet(adapter=name, method=method, params=adapter, source=source, text=text)
+    remap = parse_remap(data["remap"], _top_where(source, text, "remap")) if "remap" in data else Remap()
+    ruleset = RuleSet(adapter=name, method=method, params=adapter, source=source, text=text, remap=remap)
     _check_params(ruleset, method, adapter, None)
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
