@@ -20,8 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError, MergeError, RewriterError
-from .graph import ADAPTERS_ATTR, MERGED_ATTR, MIX_ATTR, StackEntry, build_graph, copy_graph, fold_site
+from .errors import ConfigError, MergeError, RewriterError, RuleError
+from .graph import ADAPTERS_ATTR, MERGED_ATTR, MIX_ATTR, StackEntry, build_graph, copy_graph, fold_site, gate_rows
 from .methods import AdapterModule, get_method
 from .rules import Plan, RuleSet, load_rules, parse_rules, plan, rules_from_dict
 from .sites import Site, find_sites, normalize
@@ -111,6 +111,11 @@ class Adapted(nn.Module):
         return list(self._active)
 
     @property
+    def disabled(self) -> bool:
+        """True inside ``disable_adapters()``."""
+        return self._disabled
+
+    @property
     def merged(self) -> list[str]:
         """Adapters folded into the weights, bottom to top."""
         return list(self._merged)
@@ -159,9 +164,9 @@ class Adapted(nn.Module):
         self._check_new_name(name)
         try:
             candidates = self.targets(ruleset.method)
-        except ConfigError as exc:
-            raise ConfigError(exc.what, where=ruleset.where(None, exc.field) if exc.field else ruleset.source,
-                              field=exc.field, fix=exc.fix) from None
+        except ConfigError as exc:  # the rule set cannot apply to this graph: say which rule file
+            raise RuleError(exc.what, where=ruleset.where(None, exc.field) if exc.field else ruleset.source,
+                            fix=exc.fix) from None
         p = plan(ruleset, list(candidates.values()), self._module_names())
         p.adapter = name
         for w in p.warnings:
@@ -187,8 +192,12 @@ class Adapted(nn.Module):
         return modules
 
     def install(self, name: str, p: Plan, ruleset: RuleSet | None, modules: dict[str, AdapterModule], *,
-                activate: bool | None = None, method: str | None = None) -> AdapterRecord:
-        """Register ready adapter modules (built by :meth:`build_modules`) under ``name``."""
+                activate: bool | None = None, method: str | None = None, controller: bool = True,
+                trained: Mapping[str, nn.Parameter] | None = None) -> AdapterRecord:
+        """Register ready adapter modules (built by :meth:`build_modules`) under ``name``.
+        ``controller=False`` skips the method's training controller and ``trained`` shares existing
+        copies of trained modules (by path) instead of making new ones: for a second graph of the same
+        adapter (generation) that never trains on its own."""
         self._check_new_name(name)
         missing = [d.site for d in p.decisions if d.site not in self.targets(d.method)]
         if missing:
@@ -206,11 +215,11 @@ class Adapted(nn.Module):
         record = AdapterRecord(name=name, method=main, plan=p, ruleset=ruleset, modules=modules,
                                train_modules=[m for m, _ in p.train])
         spec = get_method(main)
-        if spec.controller is not None:
+        if spec.controller is not None and controller:
             own = {d.site: modules[d.site] for d in p.decisions if d.method == spec.name}
             default = ruleset.params if ruleset is not None else {}
             record.controller = spec.controller(own, spec.make_config(default) if default else p.decisions[0].config)
-        self._copy_trained_modules(record)
+        self._copy_trained_modules(record, trained)
         self.adapters[name] = record
         self._unfreeze_biases(record)
         if activate or (activate is None and not self._active):
@@ -234,7 +243,7 @@ class Adapted(nn.Module):
     def _trained_holder(self) -> nn.Module:
         return self.gm.get_submodule(TRAINED_ATTR)
 
-    def _copy_trained_modules(self, record: AdapterRecord) -> None:
+    def _copy_trained_modules(self, record: AdapterRecord, shared: Mapping[str, nn.Parameter] | None = None) -> None:
         """Give the adapter its own copy of every module its train rules name: adapters never
         share trained weights, and the model's own module stays as it was (used when disabled)."""
         read = {n.target for n in self._base_graph.nodes if n.op == "get_attr"}
@@ -246,7 +255,8 @@ class Adapted(nn.Module):
                                         f"'{record.name}' cannot give it its own trained copy",
                                         fix="trace the model with torch.export (rewriter.trace), which reads "
                                             "parameters one by one, or drop the train rule for it")
-                copy = nn.Parameter(param.detach().clone(), requires_grad=False)
+                copy = shared[f"{module}.{pname}"] if shared is not None else \
+                    nn.Parameter(param.detach().clone(), requires_grad=False)
                 holder.register_parameter(_trained_key(module, pname), copy)
         self._trained_holder.add_module(record.name, holder)
 
@@ -466,10 +476,6 @@ class Adapted(nn.Module):
             if self._require(n).scope == "graph":
                 raise RewriterError(f"adapter '{n}' ({self.adapters[n].method}) rewrites the graph as a whole, so it "
                                     "cannot be chosen per sample", fix="run its samples in a batch of their own")
-            if self.adapters[n].train_modules:
-                raise RewriterError(f"adapter '{n}' trains whole modules ({', '.join(self.adapters[n].train_modules)}), "
-                                    "which cannot be chosen per sample yet",
-                                    fix="run its samples in a batch of their own")
         if self._merged:
             raise RewriterError("mixed-batch inference needs unmerged adapters", fix="call unmerge() first")
         if self._disabled:
@@ -487,7 +493,9 @@ class Adapted(nn.Module):
             for name in used:
                 holder.register_buffer(name, torch.zeros(0, dtype=torch.bool), persistent=False)
             self.gm.add_submodule(MIX_ATTR, holder)
-            gm = fx.GraphModule(self.gm, build_graph(self._base_graph, self.sites, stacks, {}))
+            graph = build_graph(self._base_graph, self.sites, stacks, {})
+            self._gate_trained_modules(graph, used)
+            gm = fx.GraphModule(self.gm, graph)
             for attr in ("_in_spec", "_out_spec"):
                 if hasattr(self.gm, attr):
                     setattr(gm, attr, getattr(self.gm, attr))
@@ -497,6 +505,35 @@ class Adapted(nn.Module):
         for name in used:
             holder.register_buffer(name, torch.tensor([n == name for n in names], device=device), persistent=False)
         return gm
+
+    def _gate_trained_modules(self, graph: fx.Graph, used: Sequence[str]) -> None:
+        """Mixed batches: an op that reads a module trained whole runs once per adapter with that
+        adapter's copy, and every sample takes the result of its own adapter (the original for others)."""
+        copies = {name: {path: f"{TRAINED_ATTR}.{name}.{_trained_key(*path.rsplit('.', 1))}"
+                         for path in self.trained_parameters(name)} for name in used}
+        trained = {path for table in copies.values() for path in table}
+        readers = {user for node in graph.nodes if node.op == "get_attr" and node.target in trained
+                   for user in node.users}
+        for op in [n for n in graph.nodes if n in readers]:  # graph order
+            last = out = op
+            made = []
+            for name in used:
+                swap = {a: copies[name][a.target] for a in op.all_input_nodes
+                        if a.op == "get_attr" and a.target in copies[name]}
+                if not swap:
+                    continue
+                fetched = {}
+                for original, target in swap.items():
+                    with graph.inserting_after(last):
+                        last = fetched[original] = graph.get_attr(target)
+                with graph.inserting_after(last):
+                    last = variant = graph.node_copy(op, lambda a: fetched.get(a, a))
+                with graph.inserting_after(last):
+                    last = mask = graph.get_attr(f"{MIX_ATTR}.{name}")
+                with graph.inserting_after(last):
+                    last = out = graph.call_function(gate_rows, (mask, variant, out))
+                made.append(out)
+            op.replace_all_uses_with(out, delete_user_cb=lambda user: user not in made)
 
     def train(self, mode: bool = True):
         """Switch the adapters' own dropout; the traced base graph stays as traced (eval)."""
@@ -702,6 +739,52 @@ class Adapted(nn.Module):
         (see :func:`rewriter.generate.generate`)."""
         from .generate import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ---- X-LoRA runtime API (PEFT's names; the active X-LoRA adapter, see methods/xlora.py) ------
+
+    def _xlora(self):
+        from .methods.xlora import xlora_adapter
+        return xlora_adapter(self)[1]
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """The last forward's classifier scalings, (batch, seq, n_layers, n_experts), detached."""
+        return self._xlora().latest_scalings
+
+    def enable_scalings_logging(self) -> None:
+        self._xlora().logging = True
+
+    def disable_scalings_logging(self) -> None:
+        """Stop logging (the log is kept); a disabled log costs nothing."""
+        self._xlora().logging = False
+
+    def clear_scalings_log(self) -> None:
+        self._xlora().scalings_log.clear()
+
+    def get_scalings_log(self) -> list[torch.Tensor]:
+        return list(self._xlora().scalings_log)
+
+    def get_bucketed_scalings_log(self) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        """The log by sequence length: ``{seq_len: (positions in the log, scalings)}``."""
+        from .methods.xlora import bucketed
+        return bucketed(self._xlora().scalings_log)
+
+    def get_global_scaling_weight(self) -> float:
+        return self._xlora().config.global_scaling_weight
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        from .methods.xlora import update_config
+        update_config(self, global_scaling_weight=weight)
+
+    def set_scaling_pass_value(self, value: float | None) -> None:
+        """The experts' constant scaling in the scaling pass; None: 1 / n_experts."""
+        from .methods.xlora import update_config
+        update_config(self, scaling_pass_value=1 / len(self._xlora().experts) if value is None else value)
+
+    def set_topk_lora(self, value: int | None) -> None:
+        from .methods.xlora import update_config
+        update_config(self, top_k_lora=value)
+
+    # ---- end of the X-LoRA runtime API -----------------------------------------------------------
 
     def code(self) -> str:
         from .exporter import graph_code

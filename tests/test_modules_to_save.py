@@ -94,9 +94,22 @@ def test_merge_and_unload_keeps_the_trained_copy(two):
     assert (_logits(model) - expected).abs().max() <= 1e-5
 
 
-def test_delete_removes_the_copy_and_mixed_batches_refuse(two):
-    with pytest.raises(RewriterError, match="trains whole modules"):
-        two(input_ids=_ids(), adapter_names=["a", "b"])
+def test_mixed_batch_takes_each_samples_own_copy(two):
+    ids = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(3))
+    names = ["b", "__base__", "a"]
+    with torch.no_grad():
+        mixed = two(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with two.disable_adapters():
+                    alone = two(input_ids=ids[row:row + 1]).logits
+            else:
+                two.set_adapter(name)
+                alone = two(input_ids=ids[row:row + 1]).logits
+            assert (mixed[row:row + 1] - alone).abs().max() <= 1e-5, name
+
+
+def test_delete_removes_the_copy(two):
     two.delete_adapter("a")
     assert not hasattr(two.gm.get_submodule("rewriter_trained"), "a")
     with pytest.raises(RewriterError):
