@@ -202,6 +202,8 @@ def save_adapter(adapted, directory, adapter_names: Sequence[str] | None = None,
 
 def _train_state(adapted, record) -> dict[str, torch.Tensor]:
     """The adapter's own copies of the modules it trains whole, under the modules' names."""
+    if not record.train_modules:  # also for records not installed on the model (X-LoRA's experts)
+        return {}
     return adapted.trained_parameters(record.name)
 
 
@@ -274,7 +276,7 @@ def save_modules_peft(adapted, method: str, modules: Mapping[str, Any], director
 
 
 def _save_record_peft(adapted, record, directory: Path) -> None:
-    from .peft_config import peft_config_for
+    from .peft_config import peft_config_for, peft_task_type
     name = record.name
     methods = {d.method for d in record.plan.decisions}
     if len(methods) != 1:
@@ -295,7 +297,7 @@ def _save_record_peft(adapted, record, directory: Path) -> None:
     source = adapted.source_model
     base = getattr(getattr(source, "config", None), "_name_or_path", None) or None
     config = peft_config_for(spec, [(d.site, d.config) for d in record.plan.decisions],
-                             train_modules=record.train_modules, base_model=base)
+                             train_modules=record.train_modules, base_model=base, task_type=peft_task_type(source))
     if spec.checkpoint_hooks is not None:
         config[spec.checkpoint_hooks.peft_field] = extras or None
     directory.mkdir(parents=True, exist_ok=True)
@@ -313,12 +315,20 @@ def _adapter_dirs(directory: Path) -> list[Path]:
         return (p / MANIFEST).exists() or (p / PEFT_CONFIG).exists()
 
     found = [directory] if is_adapter(directory) else []
-    if directory.is_dir():
+    if directory.is_dir() and not _holds_xlora_experts(directory):
         found += sorted(p for p in directory.iterdir() if p.is_dir() and is_adapter(p))
     if not found:
         raise CheckpointError("no adapter here: expected rewriter_adapter.json or adapter_config.json",
                               where=str(directory), fix="point at the directory save_adapter wrote")
     return found
+
+
+def _holds_xlora_experts(directory: Path) -> bool:
+    """A PEFT X-LoRA directory keeps its experts in sub-directories: they are not adapters of their own."""
+    try:
+        return json.loads((directory / PEFT_CONFIG).read_text(encoding="utf-8")).get("peft_type") == "XLORA"
+    except (OSError, ValueError, AttributeError):  # no or unreadable config: the loader reports it
+        return False
 
 
 def load_adapter_into(adapted, directory, adapter_name: str | None = None, *, activate: bool | None = None,
