@@ -281,7 +281,7 @@ def current_entry(adapted, ruleset: RuleSet, name: str, rules_path: str) -> tupl
     matches nothing is drift to report, not an error); plus notes on rules that match nothing."""
     lenient = dataclasses.replace(ruleset, rules=tuple(dataclasses.replace(r, optional=True) for r in ruleset.rules))
     try:
-        p = plan(lenient, list(adapted.sites.values()), adapted.module_names())
+        p = plan(lenient, list(adapted.targets(ruleset.method).values()), adapted.module_names())
     except RuleError as exc:  # e.g. no site is selected any more
         empty = {"name": name, "rules_file": rules_path, "rules": {}, "sites": {}, "train": {}}
         return empty, [f"adapter '{name}': {exc.what}"]

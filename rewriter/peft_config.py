@@ -28,6 +28,9 @@ DEFAULT_TARGETS_IA3 = {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["
                        "gpt2": ["c_attn", "mlp.c_proj"], "t5": ["k", "v", "wo"], "bert": ["key", "value", "output.dense"]}
 DEFAULT_FEEDFORWARD_IA3 = {"llama": ["down_proj"], "mistral": ["down_proj"], "gpt2": ["mlp.c_proj"], "t5": ["wo"],
                            "bert": ["output.dense"]}
+#: PEFT's attention module names for ADAPTION_PROMPT (used when target_modules is None); other
+#: model types: every attention block the graph has
+ADAPTION_PROMPT_TARGETS = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
 _TARGET_FIELDS = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
                   "feedforward_modules"}
 
@@ -80,6 +83,8 @@ def rules_from_peft_config(config: Mapping[str, Any], *, adapter_name: str = "de
     cfg = dict(config)
     _check_target_fields(cfg, source)
     spec = method_for_peft_type(cfg.get("peft_type", "LORA"))
+    if spec.peft_type == "ADAPTION_PROMPT":
+        return _adaption_prompt_rules(cfg, spec, adapter_name, model_type, source)
     fields = set(spec.field_names())
     params = {k: v for k, v in cfg.items() if k in fields and v is not None}
     targets = cfg.get("target_modules")
@@ -161,6 +166,49 @@ def rules_from_peft_config(config: Mapping[str, Any], *, adapter_name: str = "de
         raise RewriterError(f"cannot convert the PEFT config: {exc.what}", where=source, fix=exc.fix) from None
 
 
+def _adaption_prompt_rules(cfg: Mapping[str, Any], spec: MethodSpec, adapter_name: str, model_type: str | None,
+                           source: str | None) -> RuleSet:
+    """Llama-Adapter selects attention blocks by its own config (adapter_layers, target_modules), so
+    the rule set is its [adapter] table alone: the implicit rule matches every attention block."""
+    params = {k: cfg.get(k) for k in ("adapter_len", "adapter_layers", "target_modules")}
+    if params["target_modules"] is None:
+        params["target_modules"] = ADAPTION_PROMPT_TARGETS.get(model_type or "")
+    adapter = {"name": adapter_name, "method": spec.name, **{k: v for k, v in params.items() if v is not None}}
+    try:
+        return rules_from_dict({"schema": 1, "adapter": adapter}, source=source)
+    except RewriterError as exc:
+        raise RewriterError(f"cannot convert the PEFT config: {exc.what}", where=source, fix=exc.fix) from None
+
+
+def peft_task_type(model) -> str | None:
+    """PEFT's task type for a transformers model: CAUSAL_LM for causal language models, else None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return "CAUSAL_LM" if type(model).__name__ in names else None
+
+
+def _adaption_prompt_config(configs: Sequence[tuple[str, Any]], train_modules: Sequence[str],
+                            base_model: str | None, task_type: str | None) -> dict:
+    """PEFT's ADAPTION_PROMPT config: it adapts the last ``adapter_layers`` modules named ``*.<target_modules>``,
+    so the blocks saved must share one config and one module name."""
+    settings = {c for _, c in configs}
+    leaves = sorted({site.rsplit(".", 1)[-1] for site, _ in configs})
+    config = next(iter(settings))
+    problem = ("its attention blocks use different settings" if len(settings) > 1 else
+               "project_output is set, and PEFT always projects on Llama/Mistral and never on GPT-2"
+               if config.project_output is not None else
+               f"its attention blocks have different names {leaves}" if config.target_modules is None and
+               len(leaves) > 1 else "it trains whole modules, which PEFT's ADAPTION_PROMPT cannot save"
+               if train_modules else None)
+    if problem:
+        raise CheckpointError(f"this Llama-Adapter cannot be written as a PEFT config: {problem}",
+                              fix="save with format='rewriter'")
+    return {"peft_type": "ADAPTION_PROMPT", "task_type": task_type, "inference_mode": True,
+            "adapter_len": config.adapter_len, "adapter_layers": len(configs),
+            "target_modules": config.target_modules or leaves[0], "base_model_name_or_path": base_model,
+            "revision": None, "auto_mapping": None, "peft_version": "0.21.2"}
+
+
 def to_toml(ruleset: RuleSet) -> str:
     """Render a rule set as a rule file."""
     def value(v):
@@ -207,12 +255,15 @@ def read_peft_config(path: Path) -> dict:
 
 
 def peft_config_for(spec: MethodSpec, configs: Sequence[tuple[str, Any]], *, train_modules: Sequence[str] = (),
-                    base_model: str | None = None) -> dict:
+                    base_model: str | None = None, task_type: str | None = None) -> dict:
     """PEFT config for sites ``[(site, config), ...]`` of one method.  Fields that vary across
-    sites go into PEFT's pattern dicts (exact-name keys); anything else that varies is refused."""
+    sites go into PEFT's pattern dicts (exact-name keys); anything else that varies is refused.
+    ``task_type`` (:func:`peft_task_type`) is recorded where PEFT's model needs it (ADAPTION_PROMPT)."""
     import dataclasses
     if spec.peft_type is None:
         raise CheckpointError(f"method '{spec.name}' has no PEFT equivalent", fix="save with format='rewriter'")
+    if spec.peft_type == "ADAPTION_PROMPT":
+        return _adaption_prompt_config(configs, train_modules, base_model, task_type)
     dicts = [dataclasses.asdict(c) for _, c in configs]
     first = dicts[0]
     out: dict[str, Any] = {}

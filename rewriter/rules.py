@@ -417,6 +417,7 @@ def plan(ruleset: RuleSet, sites: Sequence[Site], module_names: Sequence[str] = 
     for name, rules in shadowed.items():
         warnings.append(f"rule '{name}' is shadowed: every module it matches was already taken by {', '.join(rules)}")
     by_rule = {r.name: r for r in ruleset.rules}
+    chosen = []  # (site, rule, method, config)
     for site in sites:
         rule = by_rule.get(decided.get(site.name, ""))
         if rule is None or rule.action != "adapt":
@@ -429,16 +430,36 @@ def plan(ruleset: RuleSet, sites: Sequence[Site], module_names: Sequence[str] = 
                 configs[key] = get_method(method).make_config({**base, **rule.params})
             except ConfigError as exc:
                 raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
-        shape = (*key, site.in_features, site.out_features, site.bias is not None, site.dtype)
+        chosen.append((site, rule, method, configs[key]))
+    for site, rule, method, config in _selected(ruleset, chosen, counts):
+        shape = (rule.name, method, site.in_features, site.out_features, site.bias is not None, site.dtype)
         if shape not in fitted:
-            _check_fits(ruleset, rule, method, configs[key], site)
+            _check_fits(ruleset, rule, method, config, site)
             fitted.add(shape)
-        decisions.append(Decision(site=site.name, rule=rule.name, method=method, config=configs[key]))
+        decisions.append(Decision(site=site.name, rule=rule.name, method=method, config=config))
     if not decisions:
         raise RuleError("the rules select no site to adapt", where=ruleset.source or "<rules>",
                         fix="check that at least one adapt rule matches the model (rewriter explain shows names)")
     return Plan(adapter=ruleset.adapter, decisions=decisions, train=train, counts=counts, skipped=skipped,
                 unmatched=unmatched, shadowed=shadowed, warnings=warnings)
+
+
+def _selected(ruleset: RuleSet, chosen: list[tuple], counts: dict[str, int]) -> list[tuple]:
+    """``chosen`` less what graph-scope methods' configs leave out of what their rules matched
+    (``MethodSpec.select``); ``counts`` follow."""
+    kept = set()
+    for method in dict.fromkeys(m for _, _, m, _ in chosen):
+        mine = [(site, config) for site, _, m, config in chosen if m == method]
+        select = get_method(method).select
+        try:
+            kept.update(s.name for s in (select(mine) if select is not None else [s for s, _ in mine]))
+        except ConfigError as exc:
+            rule = next(r for _, r, m, _ in chosen if m == method)
+            raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
+    for site, rule, _, _ in chosen:
+        if site.name not in kept:
+            counts[rule.name] -= 1
+    return [c for c in chosen if c[0].name in kept]
 
 
 def _check_fits(ruleset: RuleSet, rule: Rule, method: str, config, site: Site) -> None:

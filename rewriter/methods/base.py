@@ -137,6 +137,10 @@ class MethodSpec:
     #: scope "graph": ``rewrite(graph, entries, adapted) -> fx.Graph`` applied to the live graph after
     #: the site adapters were inserted; ``entries`` = [(target, StackEntry)] of one active adapter
     rewrite: Any = None
+    #: scope "graph", optional: ``select([(target, config), ...]) -> [target, ...]``, the targets the
+    #: method keeps of those its rules matched, when its config chooses among them (Llama-Adapter: the
+    #: top ``adapter_layers`` blocks).  Raise ConfigError (with ``field``) when the config cannot be met.
+    select: Any = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]
