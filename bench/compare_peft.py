@@ -12,6 +12,7 @@ the parity column checks that on the eval logits.
     python bench/compare_peft.py                      # the standard setting, all methods (~10 min)
     python bench/compare_peft.py --quick              # tiny sizes, a smoke run
     python bench/compare_peft.py --methods lora,ia3 --repeats 3 --json out.json
+    python bench/compare_peft.py --methods lora --compile lora  # adds torch.compile (inductor) of lora
 
 The model factories (``standard_model``, ``quick_model``) double as ``--model compare_peft:...``
 for the rewriter CLI (with this directory on PYTHONPATH).
@@ -101,9 +102,9 @@ NOT_YET = {
 }
 METRICS = ("train_step_ratio", "eval_forward_ratio", "merged_forward_vs_base", "peak_rss_ratio", "setup_s",
            "train_step_vs_base")
-COMPILE_SKIPPED = ("skipped: torch.compile (inductor, CPU) of one model costs about 14 s CPU with a warm inductor "
-                   "cache and one to two minutes cold on the 2-core machine this was written on (bench/README.md); "
-                   "two compiles per method do not fit the 10-minute budget")
+COMPILE_SKIPPED = ("skipped unless named in --compile: torch.compile (inductor, CPU) of one model costs about 14 s "
+                   "CPU with a warm inductor cache and one to two minutes cold on the 2-core machine this was "
+                   "written on (bench/README.md); two compiles per method do not fit the 10-minute budget")
 
 
 # ---- model, inputs, configs ------------------------------------------------------------------
@@ -326,6 +327,7 @@ class Pair:
     method: str
     ours: Side
     peft: Side
+    inputs: dict
     apply: Sample           #: rewriter.apply on a fresh clone of the trace
     peft_setup: Sample      #: get_peft_model
     parity: float           #: max |ours - PEFT| of the eval logits with PEFT's weights loaded into ours
@@ -360,8 +362,8 @@ def make_pair(method: str, model: nn.Module, traced: Traced, inputs: dict, workd
         expected = peft_model(**small).logits
         parity = (ours(**small).logits - expected).abs().max().item()
     tolerance = output_tolerance(expected, torch.float32, depth=model.config.num_hidden_layers)
-    return Pair(method, our_side(ours, inputs, adalora), peft_side(peft_model, inputs, adalora), apply, peft_setup,
-                parity, tolerance)
+    return Pair(method, our_side(ours, inputs, adalora), peft_side(peft_model, inputs, adalora), inputs, apply,
+                peft_setup, parity, tolerance)
 
 
 # ---- the phases --------------------------------------------------------------------------------
@@ -403,6 +405,30 @@ def time_pairs(pairs: list[Pair], base: Side, setting: Setting) -> None:
         t["merged"] = merged[(p.method, "ours")]
         t["base_forward"] = merged[("base", "forward")]
         p.timings = t
+
+
+def time_compiled(pairs: list[Pair], setting: Setting) -> None:
+    """``torch.compile`` (inductor) of both sides, unmerged, eval: the first call's CPU time (the
+    compile) and the paired eval forwards of the compiled models, into ``p.timings["compile"]``."""
+    forwards, first_call = {}, {}
+    for p in pairs:
+        p.ours.module.unmerge()  # time_pairs left ours merged
+        for side, model in (("ours", p.ours.module), ("peft", p.peft.module)):
+            model.eval()
+            compiled = torch.compile(model)
+            forwards[(p.method, side)] = lambda c=compiled, p=p: timed(lambda: torch_no_grad_logits(c, p.inputs))
+            first_call[side] = forwards[(p.method, side)]()
+            _progress(f"compiled {p.method} ({side}) in {first_call[side].cpu:.0f} s CPU")
+        p.timings["compile_first_call"] = dict(first_call)
+    times = rounds({}, {p.method: [(side, forwards[(p.method, side)]) for side in ("ours", "peft")] for p in pairs},
+                   setting.warmups, setting.repeats)
+    for p in pairs:
+        p.timings["compile"] = {side: times[(p.method, side)] for side in ("ours", "peft")}
+
+
+@torch.no_grad()
+def torch_no_grad_logits(model: Callable, inputs: dict) -> torch.Tensor:
+    return model(**inputs).logits
 
 
 def scaling(setting: Setting) -> list[dict]:
@@ -459,9 +485,18 @@ def method_result(p: Pair, trace: Sample, rss: dict) -> dict:
             "merged_forward_s": median_cpu(t["merged"]), "base_forward_s": median_cpu(t["base_forward"]),
             "peak_rss_mb": {"ours": ours_mb, "peft": peft_mb},
             "parity_max_abs_diff": p.parity, "parity_tolerance": p.tolerance, "parity_ok": p.parity <= p.tolerance,
-            "raw": _raw(t),
+            "raw": _raw({k: v for k, v in t.items() if k != "compile_first_call"}),
+            "compile": _compile_result(t),
         },
     }
+
+
+def _compile_result(t: dict) -> dict | None:
+    if "compile" not in t:
+        return None
+    return {"eval_forward_ratio": median_ratio(t["compile"]["ours"], t["compile"]["peft"]),
+            "eval_forward_s": {side: median_cpu(v) for side, v in t["compile"].items()},
+            "first_call_s": {side: s.cpu for side, s in t["compile_first_call"].items()}}
 
 
 def _raw(timings: dict) -> dict:
@@ -493,10 +528,18 @@ def _row(method: str, r: dict) -> str:
         f"{_ms(d['merge_s']['ours'])} / {_ms(d['merge_s']['peft'])}",
         f"{r['merged_forward_vs_base']:.2f}",
         f"{mb[0]} / {mb[1]} ({rss_ratio})",
-        "skipped",
+        _compile_cell(d["compile"]),
         parity,
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _compile_cell(c: dict | None) -> str:
+    if c is None:
+        return "skipped"
+    first, ms = c["first_call_s"], c["eval_forward_s"]
+    return (f"eval **{c['eval_forward_ratio']:.2f}** ({_ms(ms['ours'])} / {_ms(ms['peft'])}); "
+            f"compile s {first['ours']:.0f} / {first['peft']:.0f}")
 
 
 def markdown(results: dict, run: dict) -> str:
@@ -509,7 +552,7 @@ def markdown(results: dict, run: dict) -> str:
         "",
         "| method | setup s: ours (trace + apply) / PEFT | train step ours/PEFT (ms) | train step vs frozen base: "
         "ours / PEFT | eval fwd ours/PEFT (ms) | merge ms ours / PEFT | merged fwd vs base "
-        "| peak RSS growth MiB ours / PEFT (ratio) | torch.compile | parity |",
+        "| peak RSS growth MiB ours / PEFT (ratio) | torch.compile (inductor) ours/PEFT | parity |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(method, r) for method, r in results.items()]
@@ -521,7 +564,9 @@ def markdown(results: dict, run: dict) -> str:
         f"{_ms(run['base_train_step_s'])} ms, eval forward {_ms(run['base_forward_s'])} ms.",
         f"Trace (cold: the process's first torch.export): {run['trace'].cpu:.1f} s CPU ({run['trace'].wall:.1f} s "
         f"wall), peak RSS growth {run['trace_peak_mb']:.0f} MiB; the per-method peaks are forked after it.",
-        f"torch.compile: {COMPILE_SKIPPED}.",
+        f"torch.compile: {COMPILE_SKIPPED}." if not run["compiled"] else
+        f"torch.compile (inductor, default mode) for {', '.join(run['compiled'])}: eval forward ours/PEFT "
+        "(ms), and the first call's CPU seconds (the compile; the inductor cache may be warm).",
         f"`rewriter explain {EXPLAIN_RULES.relative_to(REPO)} --model compare_peft:{s['factory']}` from the shell: "
         f"{explain['wall_s']:.1f} s wall, {explain['cpu_s']:.1f} s CPU"
         + (f" (failed: {explain['error']})" if "error" in explain else "") + ".",
@@ -555,17 +600,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="paired repeats per measurement (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run")
     parser.add_argument("--json", type=Path, help="write {method: {ratios, details}} here")
+    parser.add_argument("--compile", default="", help="comma-separated methods (also in --methods) to time under "
+                                                       "torch.compile too; each costs two compiles")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",") if args.methods else known
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+    args.compile = args.compile.split(",") if args.compile else []
+    not_timed = [m for m in args.compile if m not in args.methods or m not in METHODS]
+    if not_timed:
+        parser.error(f"--compile {not_timed}: each must be a rewriter method also in --methods")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
 
 
-def measure(setting: Setting, methods: list[str]) -> tuple[dict, dict]:
+def measure(setting: Setting, methods: list[str], compile_methods: list[str]) -> tuple[dict, dict]:
     """Every measurement: the cold trace first; then the forked peak-RSS children, beside the depth
     scaling and the setups (CPU times, little disturbed); then, alone, the paired timings (every
     timed model alive together) and the shell explain."""
@@ -586,6 +637,10 @@ def measure(setting: Setting, methods: list[str]) -> tuple[dict, dict]:
     if pairs:
         _progress("paired timings")
         time_pairs(pairs, base_side(model, inputs), setting)
+    if compile_methods:
+        _progress(f"torch.compile of {compile_methods}")
+        time_compiled([p for p in pairs if p.method in compile_methods], setting)
+    run["compiled"] = compile_methods
     timings = pairs[0].timings if pairs else {"base_train": [Sample(math.nan, math.nan)],
                                               "base_forward": [Sample(math.nan, math.nan)]}
     run["base_train_step_s"] = median_cpu(timings["base_train"])
@@ -605,7 +660,7 @@ def main(argv=None) -> int:
     if args.repeats:
         setting = replace(setting, repeats=args.repeats)
     load_start = _load()
-    results, run = measure(setting, [m for m in args.methods if m in METHODS])
+    results, run = measure(setting, [m for m in args.methods if m in METHODS], args.compile)
     results.update({m: {**dict.fromkeys(METRICS), "reason": NOT_YET[m]} for m in args.methods if m in NOT_YET})
     run.update(setting=asdict(setting), load_start=load_start, load_end=_load(),
                wall_s=time.perf_counter() - _STARTED,

@@ -31,8 +31,9 @@ def _dtype(name):
     return getattr(torch, DTYPES[name]) if name else None
 
 
-def _traced(spec: str, dtype: str | None = None, attn: str | None = None):
-    """Load and trace the model named by ``spec`` (the one place the CLI traces)."""
+def _traced(spec: str, dtype: str | None = None, attn: str | None = None, *, dynamic: bool = True):
+    """Load and trace the model named by ``spec`` (the one place the CLI traces).  ``dynamic=False``
+    traces for the example shapes only: about half the time, enough where only the sites matter."""
     from .errors import RewriterError
     from .models import load_model
     from .progress import steps
@@ -45,7 +46,7 @@ def _traced(spec: str, dtype: str | None = None, attn: str | None = None):
                 raise RewriterError(f"--attn-implementation applies to Hugging Face models, not {type(model).__name__}")
             model.set_attn_implementation(attn)
         step("trace")
-        return trace_model(model)
+        return trace_model(model, dynamic=dynamic)
 
 
 def _adapted(args, rules: list[str], dirs: list[str]) -> tuple:
@@ -74,7 +75,7 @@ def _say(args, text: str) -> None:
 def cmd_explain(args) -> int:
     from .adapted import Adapted
     from .rules import format_plan, load_rules, plan
-    adapted = Adapted(_traced(args.model))
+    adapted = Adapted(_traced(args.model, dynamic=False))  # sites do not depend on shapes
     p = plan(load_rules(args.rules), list(adapted.sites.values()), adapted.module_names())
     if args.json:
         print(json.dumps({**p.to_json(), "counts": p.counts, "warnings": p.warnings,

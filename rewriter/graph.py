@@ -39,7 +39,7 @@ class _Ops:
     """What :func:`chain` needs: pre/post hooks, the base op, a final cast."""
 
     def pre(self, entry, x): ...
-    def post(self, entry, x, y, bias): ...
+    def post(self, entry, x, y, bias, with_weight): ...
     def base(self, x): ...
     def cast(self, y, dtype): ...
     def fold_bias(self, entry, bias): ...
@@ -51,10 +51,13 @@ def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtyp
     pre-transforms it for the levels below, and post-processes their output.
 
     Gated entries (mixed batches) each act on their own samples only, so every sample sees
-    exactly one adapter: no level sees another's weight or bias."""
+    exactly one adapter: no level sees another's weight or bias.
+
+    An additive ``needs_weight`` adapter only uses the weight to fold its delta into the base
+    matmul when it is the lowest; above others it gets ``weight=None`` and adds its delta to ``y``."""
     gated = any(e.gate for e in stack)
     for k, entry in enumerate(stack):
-        if entry.module.needs_weight and k > 0 and not gated:
+        if entry.module.needs_weight and not entry.module.additive and k > 0 and not gated:
             raise MergeError(f"{type(entry.module).__name__} reads the layer weight, so it must be the lowest "
                              "unmerged adapter on its site", fix="merge or remove the adapters below it first")
     xs = [x] * (len(stack) + 1)
@@ -64,7 +67,7 @@ def chain(ops: _Ops, x, bias, stack: Sequence[StackEntry], out_dtype: torch.dtyp
     y = None if skip_base else ops.base(xs[0])
     for k, entry in enumerate(stack):
         if entry.module.has_post:
-            y = ops.post(entry, xs[k + 1], y, bias)
+            y = ops.post(entry, xs[k + 1], y, bias, with_weight=entry.module.needs_weight and (k == 0 or gated))
         if not gated and any(e.module.reads_bias for e in stack[k + 1:]):  # hand on the bias this level leaves
             bias = ops.fold_bias(entry, bias)
     if out_dtype is not None and any(e.module.adapter_dtype != out_dtype for e in stack):
@@ -79,9 +82,9 @@ class _EagerOps(_Ops):
     def pre(self, entry, x):
         return entry.module(x, stage="pre")
 
-    def post(self, entry, x, y, bias):
+    def post(self, entry, x, y, bias, with_weight):
         if entry.module.needs_weight:
-            return entry.module(x, y, bias, stage="post", weight=self.weight)
+            return entry.module(x, y, bias, stage="post", weight=self.weight if with_weight else None)
         return entry.module(x, y, bias, stage="post")
 
     def cast(self, y, dtype):
@@ -146,15 +149,18 @@ class _GraphOps(_Ops):
                 new = self.graph.call_function(gate_rows, (self.graph.get_attr(entry.gate), new, x))
             return new
 
-    def post(self, entry, x, y, bias):
+    def post(self, entry, x, y, bias, with_weight):
         kwargs = {"stage": "post"}
         if entry.module.needs_weight:
-            weight = self.weight
-            if self.transposed:  # modules always see [out, in]
+            weight = self.weight if with_weight else None
+            if weight is not None and self.transposed:  # modules always see [out, in]
                 with self.graph.inserting_before(self.node):
                     weight = self.graph.call_method("t", (weight,))
             kwargs["weight"] = weight
-        new = self._stamp(self._after("call_module", entry.target, (x, y, bias), kwargs), entry)
+        y_in = y
+        if entry.gate:  # a post may add into y in place (add_into); gate_rows needs y as it was
+            y_in = self._after("call_method", "clone", (y,))
+        new = self._stamp(self._after("call_module", entry.target, (x, y_in, bias), kwargs), entry)
         if entry.gate:
             mask = self._after("get_attr", entry.gate, ())
             new = self._after("call_function", gate_rows, (mask, new, y))

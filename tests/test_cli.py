@@ -5,9 +5,19 @@ import sys
 
 import pytest
 
+from rewriter import cli
 from rewriter.cli import main
 
 RULES = "rules/lora-llama-attention.toml"
+
+
+@pytest.fixture(autouse=True)
+def session_traces(monkeypatch, traced_models):
+    """The verbs run on the session's cached traces of the builtin models instead of re-tracing."""
+    def traced(spec, dtype=None, attn=None, *, dynamic=True):
+        assert spec.startswith("builtin:") and attn is None
+        return traced_models(spec.split(":", 1)[1], cli._dtype(dtype))
+    monkeypatch.setattr(cli, "_traced", traced)
 
 
 def run(capsys, *argv):

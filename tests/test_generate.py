@@ -154,12 +154,24 @@ def test_sampling_is_reproducible_with_a_generator_and_cold_sampling_is_greedy(a
 
 
 def test_eos_stops_each_row_pads_it_and_ends_early(adapted):
-    greedy = adapted.generate(IDS, max_new_tokens=NEW)
-    prompt = IDS.shape[1]
-    eos = [int(greedy[0, prompt + 1]), int(greedy[1, prompt + 3])]
-    out = adapted.generate(IDS, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(out, eager(folded(adapted, ["default"]), eos_token_id=eos, pad_token_id=0))
-    assert out.shape[1] < prompt + NEW and out[0, -1] == 0
+    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(2))  # a prompt with varied output
+    prompt = ids.shape[1]
+    new = adapted.generate(ids, max_new_tokens=NEW)[:, prompt:].tolist()
+
+    def stop(row, eos):  # the step at which greedy decoding meets an eos token
+        return next((i for i, t in enumerate(new[row]) if t in eos), NEW)
+
+    # two eos tokens that stop the rows at different steps, both before the last one
+    pairs = [(a, b) for a in new[0] for b in new[1]
+             if stop(0, {a, b}) != stop(1, {a, b}) and max(stop(0, {a, b}), stop(1, {a, b})) < NEW - 1]
+    assert pairs, f"greedy output too repetitive to test eos: {new}"
+    eos = list(pairs[0])
+    out = adapted.generate(ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, eager(folded(adapted, ["default"]), ids, eos_token_id=eos, pad_token_id=0))
+    steps = [stop(0, set(eos)), stop(1, set(eos))]
+    assert out.shape[1] == prompt + max(steps) + 1  # ends once every row has stopped
+    first = steps.index(min(steps))
+    assert (out[first, prompt + min(steps) + 1:] == 0).all()  # the row that stopped first is padded
 
 
 def test_top_k_and_top_p_keep_what_transformers_keeps():

@@ -45,6 +45,16 @@ class LoraConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def add_into(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``y + delta``, written into ``y`` where that gives the same tensor.  Legal because the graph
+    (``graph.chain``) hands every post a fresh ``y`` that nothing else reads and no backward saved:
+    the base matmul's output or the result of the post below.  A dtype promotion (a float32 adapter
+    on a low-precision base) or a broadcast needs the out-of-place add."""
+    if y.dtype == delta.dtype and y.shape == delta.shape:
+        return y.add_(delta)
+    return y + delta
+
+
 class LoraModule(AdapterModule):
     additive = True
 
@@ -80,7 +90,7 @@ class LoraModule(AdapterModule):
     def post(self, x, y, bias):
         x = x.to(self.lora_A.dtype)
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B, self.lora_B_bias)
-        return y + delta * self.scaling
+        return add_into(y, delta.mul_(self.scaling))
 
     def fold_bias(self, bias):
         if self.lora_B_bias is None:

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import (AdapterModule, MethodSpec, check_choice, check_int, check_probability, register,
                    round_like_base)
+from .lora import add_into
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class MissBalanceModule(MissModule):
 
     def post(self, x, y, bias):
         x = self.dropout(x.to(self.miss_block.dtype))
-        return y + self._shard_sum(x) @ self.miss_block
+        return add_into(y, self._shard_sum(x) @ self.miss_block)
 
     def fold(self, weight, bias):
         return weight + self._tile_inputs(self.miss_block.float().t()), bias

@@ -131,13 +131,14 @@ class OFTModule(AdapterModule):
         terms = self.config.num_cayley_neumann_terms
         if terms == 1:
             return eye.expand_as(q)
-        rotation = eye + 2 * q
+        # alpha=2: one kernel per term instead of a scaled copy and an add (2 * power is exact either way)
+        rotation = torch.add(eye, q, alpha=2)
         if terms == 2:
             return rotation
         power = q
         for _ in range(2, max(3, terms - 1)):
             power = power @ q
-            rotation = rotation + 2 * power
+            rotation = torch.add(rotation, power, alpha=2)
         return rotation + power @ q
 
     def _rotate(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
