@@ -63,7 +63,8 @@ def _adapted(args, rules: list[str], dirs: list[str]) -> tuple:
     adapted = Adapted(_traced(args.model, args.dtype, getattr(args, "attn_implementation", None)))
     several = len(dirs) + len(rules) > 1
     for d in dirs:
-        adapted.load_adapter(d, as_identifier(Path(d).resolve().name) if several else None, activate=several or None)
+        adapted.load_adapter(d, as_identifier(Path(d).resolve().name) if several else None, activate=several or None,
+                             remap=getattr(args, "remap", None))
     return adapted, stack_rules(adapted, [load_rules(r) for r in rules])
 
 
@@ -76,7 +77,8 @@ def cmd_explain(args) -> int:
     from .adapted import Adapted
     from .rules import format_plan, load_rules, plan
     adapted = Adapted(_traced(args.model, dynamic=False))  # sites do not depend on shapes
-    p = plan(load_rules(args.rules), list(adapted.sites.values()), adapted.module_names())
+    ruleset = load_rules(args.rules)  # graph-level methods (Llama-Adapter, X-LoRA) match their own targets
+    p = plan(ruleset, list(adapted.targets(ruleset.method).values()), adapted.module_names())
     if args.json:
         print(json.dumps({**p.to_json(), "counts": p.counts, "warnings": p.warnings,
                           "unmatched": p.unmatched}, indent=2, default=str))
@@ -192,6 +194,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plot_scalings(args) -> int:
+    from .plot import main_plot_scalings
+    return main_plot_scalings(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewriter", description="Declarative model surgery for PEFT adapters.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -212,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     def sources(p):
         p.add_argument("--rules", action="append", help="a rule file; repeat to stack adapters (bottom first)")
         p.add_argument("--adapter", action="append", help="an adapter directory, rewriter or PEFT format; repeatable")
+        p.add_argument("--remap", help="a TOML file whose [remap] table renames the --adapter checkpoints' modules "
+                                       '("old.prefix" = "new.prefix"; a rule file may carry it)')
 
     p = verb("explain", cmd_explain, "show which sites each rule adapts, with parameters")
     p.add_argument("rules")
@@ -259,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--model-type", help="model type, when target_modules is not set (e.g. llama)")
     p.add_argument("--output-embedding", default="lm_head", help="excluded by 'all-linear' (default lm_head)")
+
+    p = verb("plot-scalings", cmd_plot_scalings, "draw X-LoRA scalings (tokens x experts) as a PNG heatmap")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="SCALINGS.safetensors --out heat.png [--layer L] "
+                                                            "[--tokens 0,2,5]")
 
     p = verb("demo", cmd_demo, "train a LoRA on MiniLM, merge, check, export (about a minute)")
     p.add_argument("--out", default="rewriter-demo")

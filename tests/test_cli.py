@@ -93,3 +93,31 @@ def test_demo_trains_merges_checks_and_exports(tmp_path):
     assert summary["accuracy_after"] > summary["accuracy_before"] + 0.25
     assert summary["merge_ok"] and summary["exported_error"] < 1e-4
     assert (tmp_path / "model-merged.pt2").exists() and (tmp_path / "adapter-peft" / "adapter_config.json").exists()
+
+
+def test_explain_lists_the_targets_of_graph_level_methods(capsys):
+    code, out, _ = run(capsys, "explain", "rules/adaption-prompt-llama.toml", "--model", "builtin:tiny-llama")
+    assert code == 0
+    assert "model.layers.1.self_attn" in out and "adaption_prompt" in out and "q_proj" not in out
+
+
+def test_remap_renames_the_modules_of_a_loaded_adapter(capsys, tmp_path):
+    code, _, _ = run(capsys, "apply", RULES, "--model", "builtin:tiny-llama", "--out", str(tmp_path / "a"), "-q")
+    manifest = tmp_path / "a" / "rewriter_adapter.json"
+    manifest.write_text(manifest.read_text().replace("model.layers.", "decoder.blocks."))  # "trained elsewhere"
+    code, _, err = run(capsys, "check", "--adapter", str(tmp_path / "a"), "--model", "builtin:tiny-llama")
+    assert code == 2 and "decoder.blocks.0" in err
+    (tmp_path / "remap.toml").write_text('[remap]\n"decoder.blocks" = "model.layers"\n')
+    code, out, _ = run(capsys, "check", "--adapter", str(tmp_path / "a"), "--model", "builtin:tiny-llama",
+                       "--remap", str(tmp_path / "remap.toml"), "--json")
+    assert code == 0 and len(json.loads(out)["sites"]) == 8
+
+
+def test_plot_scalings_writes_a_png(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"scalings": torch.rand(1, 5, 4, 3)}, str(tmp_path / "s.safetensors"))
+    code, _, _ = run(capsys, "plot-scalings", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "h.png"))
+    assert code == 0 and (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    code, _, _ = run(capsys, "plot-scalings", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.png"))
+    assert code == 2 and not (tmp_path / "x.png").exists()
