@@ -7,7 +7,8 @@ thread; on a shared machine the wall clock mostly measures the other processes).
 own, forked from a parent that holds only the model and the trace.  Our adapter configs are
 derived from the PEFT config dicts by ``rewriter.peft_config.rules_from_peft_config`` and our
 timed adapters load PEFT's (perturbed) initial weights, so both sides compute the same function;
-the parity column checks that on the eval logits.
+the parity column checks that on the eval logits.  X-LoRA's experts are LoRA checkpoints PEFT saves
+at the start of the run; both sides load them, and ours copies PEFT's classifier weights.
 
     python bench/compare_peft.py                      # the standard setting, all methods (~10 min)
     python bench/compare_peft.py --quick              # tiny sizes, a smoke run
@@ -95,13 +96,15 @@ METHODS: dict[str, dict] = {
     "miss": {"peft_type": "MISS", "r": 64},
     "miss_bat": {"peft_type": "MISS", "r": 32, "init_weights": "bat"},  # r must divide 512 and 1376
     "miss_mini": {"peft_type": "MISS", "r": 64, "mini_r": 32, "init_weights": "mini"},
+    # the experts are XLORA_EXPERT checkpoints; hidden_size is the model's
+    "xlora": {"peft_type": "XLORA", "task_type": "CAUSAL_LM"},
+    "adaption_prompt": {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 10,
+                        "adapter_layers": 2, "target_modules": "self_attn"},
 }
-NOT_YET = {
-    "xlora": "rewriter has no X-LoRA method yet (a learned mixture of several LoRA adapters per token)",
-    "adaption_prompt": "rewriter has no adaption-prompt method yet (gated prompt tokens in attention, not a linear site)",
-}
-METRICS = ("train_step_ratio", "eval_forward_ratio", "merged_forward_vs_base", "peak_rss_ratio", "setup_s",
-           "train_step_vs_base")
+XLORA_EXPERTS = 3
+XLORA_EXPERT = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "init_lora_weights": False}  # random, not a no-op
+XLORA_CLASSIFIER = "base_model.internal_xlora_classifier."  #: the classifier's prefix in PEFT's state dict
+ADAPTION_GATE = 0.5  # Llama-Adapter's gates start at 0, where the prompts change nothing: open them for parity
 COMPILE_SKIPPED = ("skipped unless named in --compile: torch.compile (inductor, CPU) of one model costs about 14 s "
                    "CPU with a warm inductor cache and one to two minutes cold on the 2-core machine this was "
                    "written on (bench/README.md); two compiles per method do not fit the 10-minute budget")
@@ -131,18 +134,60 @@ def make_inputs(setting: Setting) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+@dataclass(frozen=True)
+class Base:
+    """What both sides of every method are built from."""
+    model: nn.Module
+    traced: Traced
+    inputs: dict
+    experts: dict[str, str]  #: X-LoRA's experts, name -> PEFT LoRA checkpoint directory (empty without xlora)
+
+
+def is_xlora(method: str) -> bool:
+    return METHODS[method]["peft_type"] == "XLORA"
+
+
 def peft_dict(method: str) -> dict:
+    if is_xlora(method):  # X-LoRA has no targets: its experts name theirs
+        return dict(METHODS[method])
     return {"target_modules": ALL_LINEAR, **METHODS[method]}
 
 
-def peft_config(method: str):
+def peft_config(spec: dict):
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    spec = peft_dict(method)
     return PEFT_TYPE_TO_CONFIG_MAPPING[spec["peft_type"]](**{k: v for k, v in spec.items() if k != "peft_type"})
 
 
-def our_rules(method: str):
+def our_rules(method: str, experts: dict[str, str] | None = None):
+    if is_xlora(method):  # PEFT's X-LoRA config names checkpoint directories, which our rules take as they are
+        return {"schema": 1, "adapter": {"method": "xlora", "adapters": experts}}
     return rules_from_peft_config(peft_dict(method), model_type="llama")
+
+
+def our_setup(method: str, base: Base) -> Adapted:
+    return rewriter.apply(base.traced.clone(), our_rules(method, base.experts))
+
+
+def peft_setup(method: str, model: nn.Module, experts: dict[str, str]) -> nn.Module:
+    """``get_peft_model`` on ``model`` (changed in place)."""
+    from peft import get_peft_model
+    spec = peft_dict(method)
+    if is_xlora(method):
+        spec.update(adapters=experts, hidden_size=model.config.hidden_size)
+        model.config.use_cache = False  # PEFT's X-LoRA refuses a model that caches
+    return get_peft_model(model, peft_config(spec))
+
+
+def save_xlora_experts(model: nn.Module, directory: Path) -> dict[str, str]:
+    """X-LoRA's experts: LoRA adapters with random weights, saved by PEFT; name -> directory."""
+    from peft import get_peft_model
+    paths = {}
+    for i in range(XLORA_EXPERTS):
+        torch.manual_seed(10 + i)
+        get_peft_model(copy.deepcopy(model), peft_config({"target_modules": ALL_LINEAR, **XLORA_EXPERT})
+                       ).save_pretrained(directory / str(i))
+        paths[str(i)] = str(directory / str(i))
+    return paths
 
 
 # ---- one side: how it trains and runs ----------------------------------------------------------
@@ -273,22 +318,21 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-_FORK_STATE: dict = {}  # what forked children inherit: model, trace, inputs
+_FORK_STATE: dict[str, Base] = {}  # what forked children inherit: model, trace, inputs, experts
 
 
 def _rss_child(job: tuple[str, str]) -> float | str:
     """Peak RSS growth in MiB of setting up ``method`` on ``side`` and training it a few steps."""
     method, side = job
-    state = _FORK_STATE
+    base = _FORK_STATE["base"]
     try:
         baseline = _status_kb("VmRSS")
         _reset_peak_rss()
         adalora = method == "adalora"
         if side == "ours":
-            runner = our_side(rewriter.apply(state["traced"].clone(), our_rules(method)), state["inputs"], adalora)
+            runner = our_side(our_setup(method, base), base.inputs, adalora)
         else:
-            from peft import get_peft_model
-            runner = peft_side(get_peft_model(state["model"], peft_config(method)), state["inputs"], adalora)
+            runner = peft_side(peft_setup(method, base.model, base.experts), base.inputs, adalora)
         runner.module.train()
         for _ in range(TRAIN_STEPS_FOR_RSS):
             runner.train_step()
@@ -302,12 +346,12 @@ def _rss_children(jobs: list[tuple[str, str]], sender) -> None:
         sender.send(pool.map(_rss_child, jobs, chunksize=1))
 
 
-def start_peak_rss(methods: list[str], model: nn.Module, traced: Traced,
-                   inputs: dict) -> Callable[[], dict[tuple[str, str], float | str]]:
+def start_peak_rss(methods: list[str], base: Base) -> Callable[[], dict[tuple[str, str], float | str]]:
     """Fork a snapshot of this process as it is now (the model and the trace, nothing else); the
     snapshot forks one child per method and side from that state, two at a time, while this
     process goes on.  Returns the function that waits for the results."""
-    _FORK_STATE.update(model=model, traced=traced, inputs=inputs)
+    _FORK_STATE["base"] = base
+    gc.collect()  # the models that saved X-LoRA's experts hold reference cycles: keep them out of the snapshot
     jobs = [(m, side) for m in methods for side in ("ours", "peft")]
     receiver, sender = multiprocessing.Pipe(duplex=False)
     snapshot = multiprocessing.get_context("fork").Process(target=_rss_children, args=(jobs, sender))
@@ -332,6 +376,8 @@ class Pair:
     peft_setup: Sample      #: get_peft_model
     parity: float           #: max |ours - PEFT| of the eval logits with PEFT's weights loaded into ours
     tolerance: float
+    effect: float           #: max |PEFT - base| of the same logits: parity only means something above tolerance
+    not_mergeable: str | None  #: why the method cannot merge, from the method itself
     timings: dict = field(default_factory=dict)  #: filled by time_pairs
 
 
@@ -339,31 +385,46 @@ class Pair:
 def _perturb(module: nn.Module) -> None:
     """Move every adapter parameter off its (often no-op) initial value, so parity means something."""
     gen = torch.Generator().manual_seed(0)
-    for p in module.parameters():
-        if p.requires_grad:
+    for name, p in module.named_parameters():
+        if name.endswith("adaption_gate"):
+            p.fill_(ADAPTION_GATE)
+        elif p.requires_grad:
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
 
 
-def make_pair(method: str, model: nn.Module, traced: Traced, inputs: dict, workdir: Path) -> Pair:
-    from peft import get_peft_model
+def _not_mergeable(adapted: Adapted) -> str | None:
+    return next((m.not_mergeable for a in adapted.adapters.values() for m in a.modules.values() if m.not_mergeable),
+                None)
+
+
+def make_pair(method: str, base: Base, workdir: Path) -> Pair:
+    """Both sides with the same weights: ours loads the checkpoint PEFT saves after ``_perturb``;
+    X-LoRA's timed model is our setup's, its experts loaded from the same directories as PEFT's and
+    PEFT's classifier copied in (PEFT 0.21.2 leaves part of the classifier out of its checkpoints)."""
     adalora = method == "adalora"
-    clone = traced.clone()
-    apply = timed(lambda: rewriter.apply(clone, our_rules(method)))
-    base_copy = copy.deepcopy(model)
-    peft_model, peft_setup = timed_call(lambda: get_peft_model(base_copy, peft_config(method)))
+    applied, apply = timed_call(lambda: our_setup(method, base))
+    base_copy = copy.deepcopy(base.model)
+    peft_model, peft_setup_time = timed_call(lambda: peft_setup(method, base_copy, base.experts))
     _perturb(peft_model)
-    peft_model.save_pretrained(workdir / method)
-    ours = Adapted(traced.clone())
-    ours.load_adapter(workdir / method)
+    if is_xlora(method):
+        ours = applied
+        classifier = {k[len(XLORA_CLASSIFIER):]: v for k, v in peft_model.state_dict().items()
+                      if k.startswith(XLORA_CLASSIFIER)}
+        ours.adapters["default"].modules["model"].classifier.load_state_dict(classifier)
+    else:
+        peft_model.save_pretrained(workdir / method)
+        ours = Adapted(base.traced.clone())
+        ours.load_adapter(workdir / method)
     ours.eval()
     peft_model.eval()
-    small = {k: v[:2, :32] for k, v in inputs.items()}  # parity needs no full-size forward
+    small = {k: v[:2, :32] for k, v in base.inputs.items()}  # parity needs no full-size forward
     with torch.no_grad():
         expected = peft_model(**small).logits
         parity = (ours(**small).logits - expected).abs().max().item()
-    tolerance = output_tolerance(expected, torch.float32, depth=model.config.num_hidden_layers)
-    return Pair(method, our_side(ours, inputs, adalora), peft_side(peft_model, inputs, adalora), inputs, apply,
-                peft_setup, parity, tolerance)
+        effect = (base.model(**small).logits - expected).abs().max().item()
+    tolerance = output_tolerance(expected, torch.float32, depth=base.model.config.num_hidden_layers)
+    return Pair(method, our_side(ours, base.inputs, adalora), peft_side(peft_model, base.inputs, adalora),
+                base.inputs, apply, peft_setup_time, parity, tolerance, effect, _not_mergeable(ours))
 
 
 # ---- the phases --------------------------------------------------------------------------------
@@ -388,21 +449,22 @@ def time_pairs(pairs: list[Pair], base: Side, setting: Setting) -> None:
         p.peft.module.eval()
     evals = rounds({}, {p.method: [("ours", lambda p=p: timed(p.ours.forward)),
                                    ("peft", lambda p=p: timed(p.peft.forward))] for p in pairs}, w, n)
+    mergeable = [p for p in pairs if p.not_mergeable is None]
     merges = rounds({}, {p.method: [
         ("ours", lambda p=p: _merge_then_unmerge(p.ours.module.merge, p.ours.module.unmerge)),
         ("peft", lambda p=p: _merge_then_unmerge(p.peft.module.merge_adapter, p.peft.module.unmerge_adapter)),
-    ] for p in pairs}, w, n)
+    ] for p in mergeable}, w, n)
     _progress("eval forwards and merges timed")
-    for p in pairs:
+    for p in mergeable:
         p.ours.module.merge()
     merged = rounds({"forward": lambda: timed(base.forward)},
-                    {p.method: [("ours", lambda p=p: timed(p.ours.forward))] for p in pairs}, w, n)
+                    {p.method: [("ours", lambda p=p: timed(p.ours.forward))] for p in mergeable}, w, n)
     for p in pairs:
-        t = {}
-        for phase, times in (("train", train), ("eval", evals), ("merge", merges)):
-            t[phase] = {side: times[(p.method, side)] for side in ("ours", "peft")}
+        phases = (("train", train), ("eval", evals)) + ((("merge", merges),) if p.not_mergeable is None else ())
+        t = {phase: {side: times[(p.method, side)] for side in ("ours", "peft")} for phase, times in phases}
         t["base_train"] = train[("base", "train")]
-        t["merged"] = merged[(p.method, "ours")]
+        if p.not_mergeable is None:
+            t["merged"] = merged[(p.method, "ours")]
         t["base_forward"] = merged[("base", "forward")]
         p.timings = t
 
@@ -412,7 +474,8 @@ def time_compiled(pairs: list[Pair], setting: Setting) -> None:
     compile) and the paired eval forwards of the compiled models, into ``p.timings["compile"]``."""
     forwards, first_call = {}, {}
     for p in pairs:
-        p.ours.module.unmerge()  # time_pairs left ours merged
+        if p.not_mergeable is None:
+            p.ours.module.unmerge()  # time_pairs left ours merged
         for side, model in (("ours", p.ours.module), ("peft", p.peft.module)):
             model.eval()
             compiled = torch.compile(model)
@@ -461,16 +524,19 @@ def explain_time(setting: Setting) -> dict:
 # ---- report ------------------------------------------------------------------------------------
 
 def method_result(p: Pair, trace: Sample, rss: dict) -> dict:
+    """Every metric, null where it does not apply (merging a method that cannot merge), with the reason."""
     t = p.timings
     ours_mb, peft_mb = rss[(p.method, "ours")], rss[(p.method, "peft")]
     rss_ok = isinstance(ours_mb, float) and isinstance(peft_mb, float)
+    merged = p.not_mergeable is None
     return {
         "train_step_ratio": median_ratio(t["train"]["ours"], t["train"]["peft"]),
         "eval_forward_ratio": median_ratio(t["eval"]["ours"], t["eval"]["peft"]),
-        "merged_forward_vs_base": median_ratio(t["merged"], t["base_forward"]),
+        "merged_forward_vs_base": median_ratio(t["merged"], t["base_forward"]) if merged else None,
         "peak_rss_ratio": ours_mb / peft_mb if rss_ok and peft_mb > 0 else None,
         "setup_s": trace.cpu + p.apply.cpu,
         "train_step_vs_base": median_ratio(t["train"]["ours"], t["base_train"]),
+        **({} if merged else {"reason": f"merge and merged forward: not mergeable: {p.not_mergeable}"}),
         "details": {  # seconds are CPU seconds unless named wall
             "trace_s": trace.cpu, "apply_s": p.apply.cpu, "peft_setup_s": p.peft_setup.cpu,
             "setup_wall_s": {"ours": trace.wall + p.apply.wall, "peft": p.peft_setup.wall},
@@ -480,11 +546,13 @@ def method_result(p: Pair, trace: Sample, rss: dict) -> dict:
             "peft_train_step_vs_base": median_ratio(t["train"]["peft"], t["base_train"]),
             "eval_forward_s": {side: median_cpu(v) for side, v in t["eval"].items()},
             "eval_forward_wall_s": {side: median_wall(v) for side, v in t["eval"].items()},
-            "merge_s": {side: median_cpu(v) for side, v in t["merge"].items()},
-            "merge_ratio": median_ratio(t["merge"]["ours"], t["merge"]["peft"]),
-            "merged_forward_s": median_cpu(t["merged"]), "base_forward_s": median_cpu(t["base_forward"]),
+            "merge_s": {side: median_cpu(v) for side, v in t["merge"].items()} if merged else None,
+            "merge_ratio": median_ratio(t["merge"]["ours"], t["merge"]["peft"]) if merged else None,
+            "merged_forward_s": median_cpu(t["merged"]) if merged else None,
+            "base_forward_s": median_cpu(t["base_forward"]),
             "peak_rss_mb": {"ours": ours_mb, "peft": peft_mb},
             "parity_max_abs_diff": p.parity, "parity_tolerance": p.tolerance, "parity_ok": p.parity <= p.tolerance,
+            "adapter_effect_max_abs": p.effect,
             "raw": _raw({k: v for k, v in t.items() if k != "compile_first_call"}),
             "compile": _compile_result(t),
         },
@@ -511,13 +579,15 @@ def _ms(seconds: float) -> str:
 
 
 def _row(method: str, r: dict) -> str:
-    if r.get("reason"):
-        return f"| {method} | n/a: {r['reason']} |||||||||"
     d = r["details"]
     rss = d["peak_rss_mb"]
     mb = [f"{v:.0f}" if isinstance(v, float) else "error" for v in (rss["ours"], rss["peft"])]
     rss_ratio = f"{r['peak_rss_ratio']:.2f}" if r["peak_rss_ratio"] is not None else "n/a"
     parity = "ok" if d["parity_ok"] else f"MISMATCH {d['parity_max_abs_diff']:.2g} > {d['parity_tolerance']:.2g}"
+    if d["adapter_effect_max_abs"] <= d["parity_tolerance"]:
+        parity += f" (but the adapter changes the logits by only {d['adapter_effect_max_abs']:.2g})"
+    merge = (f"{_ms(d['merge_s']['ours'])} / {_ms(d['merge_s']['peft'])}", f"{r['merged_forward_vs_base']:.2f}") \
+        if d["merge_s"] is not None else ("n/a", "n/a: not mergeable")
     cells = [
         method,
         f"{r['setup_s']:.1f} ({d['trace_s']:.1f} + {d['apply_s']:.2f}) / {d['peft_setup_s']:.2f}",
@@ -525,8 +595,7 @@ def _row(method: str, r: dict) -> str:
         f"{r['train_step_vs_base']:.2f} / {d['peft_train_step_vs_base']:.2f}",
         f"**{r['eval_forward_ratio']:.2f}** ({_ms(d['eval_forward_s']['ours'])} / "
         f"{_ms(d['eval_forward_s']['peft'])})",
-        f"{_ms(d['merge_s']['ours'])} / {_ms(d['merge_s']['peft'])}",
-        f"{r['merged_forward_vs_base']:.2f}",
+        *merge,
         f"{mb[0]} / {mb[1]} ({rss_ratio})",
         _compile_cell(d["compile"]),
         parity,
@@ -556,6 +625,7 @@ def markdown(results: dict, run: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(method, r) for method, r in results.items()]
+    lines += [f"- {method}: {r['reason']}." for method, r in results.items() if r.get("reason")]
     lines += [f"- peak RSS {m} {side} failed: {v}" for (m, side), v in run["rss_errors"].items()]
     explain = run["explain"]
     lines += [
@@ -594,7 +664,7 @@ def _load() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    known = [*METHODS, *NOT_YET]
+    known = list(METHODS)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", help=f"comma-separated, from: {', '.join(known)} (default: all)")
     parser.add_argument("--repeats", type=int, help="paired repeats per measurement (default 5; 2 with --quick)")
@@ -608,9 +678,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(known)}")
     args.compile = args.compile.split(",") if args.compile else []
-    not_timed = [m for m in args.compile if m not in args.methods or m not in METHODS]
+    not_timed = [m for m in args.compile if m not in args.methods]
     if not_timed:
-        parser.error(f"--compile {not_timed}: each must be a rewriter method also in --methods")
+        parser.error(f"--compile {not_timed}: each must also be in --methods")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -625,14 +695,16 @@ def measure(setting: Setting, methods: list[str], compile_methods: list[str]) ->
     _reset_peak_rss()
     traced, trace = timed_call(lambda: trace_model(model))
     run = {"trace": trace, "trace_peak_mb": (_status_kb("VmHWM") - rss_before) / 1024}
-    _progress(f"traced in {trace.wall:.1f} s; peak RSS children in the background; trace + apply scaling")
-    rss_results = start_peak_rss(methods, model, traced, inputs)
-    run["scaling"] = scaling(setting)
-    _progress("setup and parity")
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = [make_pair(m, model, traced, inputs, Path(tmp)) for m in methods]
-    _progress("waiting for the peak RSS children")
-    rss = rss_results()  # the paired timings run alone
+        experts = save_xlora_experts(model, Path(tmp)) if any(is_xlora(m) for m in methods) else {}
+        base = Base(model, traced, inputs, experts)
+        _progress(f"traced in {trace.wall:.1f} s; peak RSS children in the background; trace + apply scaling")
+        rss_results = start_peak_rss(methods, base)
+        run["scaling"] = scaling(setting)
+        _progress("setup and parity")
+        pairs = [make_pair(m, base, Path(tmp)) for m in methods]
+        _progress("waiting for the peak RSS children")
+        rss = rss_results()  # the paired timings run alone
     run["rss_errors"] = {k: v for k, v in rss.items() if isinstance(v, str)}
     if pairs:
         _progress("paired timings")
@@ -660,8 +732,7 @@ def main(argv=None) -> int:
     if args.repeats:
         setting = replace(setting, repeats=args.repeats)
     load_start = _load()
-    results, run = measure(setting, [m for m in args.methods if m in METHODS], args.compile)
-    results.update({m: {**dict.fromkeys(METRICS), "reason": NOT_YET[m]} for m in args.methods if m in NOT_YET})
+    results, run = measure(setting, args.methods, args.compile)
     run.update(setting=asdict(setting), load_start=load_start, load_end=_load(),
                wall_s=time.perf_counter() - _STARTED,
                versions={"torch": torch.__version__, "peft": peft.__version__,
