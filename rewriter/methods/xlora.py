@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import CheckpointError, ConfigError, RewriterError
 from ..sites import Site, site_operands
 from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_number, check_probability, get_method,
                    register)
-from .lora import LoraModule
+from .lora import LoraModule, add_into
 
 TARGET = "model"
 
@@ -298,6 +299,9 @@ class XLoraModule(AdapterModule):
         weight = self.config.global_scaling_weight
         key = self.layer_keys[layer]
         out_dtype = y.dtype
+        present = [(i, experts[key]) for i, experts in enumerate(self.experts) if key in experts]
+        if all(_linear_in_x(expert) for _, expert in present):
+            return _fused_mix(x, y, lam, present, weight).to(out_dtype)
         for i, experts in enumerate(self.experts):
             if key not in experts:
                 continue  # PEFT still counts it: expert i keeps scalings column i
@@ -318,6 +322,24 @@ class XLoraModule(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"experts={list(self.expert_names)}, layers={len(self.layers)}"
+
+
+def _linear_in_x(expert: LoraModule) -> bool:
+    """The expert's delta is linear in its input: no bias on B, no dropout drawing a mask now."""
+    return expert.lora_B_bias is None and (isinstance(expert.dropout, nn.Identity) or not expert.training)
+
+
+def _fused_mix(x, y, lam, present, weight):
+    """``y + sum_i g s_i B_i A_i (x lam_i)`` as two matmuls for all experts: lam_i is one number per
+    token, so it moves past A_i and scales expert i's rank columns (exact up to rounding)."""
+    dtype = present[0][1].adapter_dtype
+    a = torch.cat([expert.lora_A for _, expert in present])
+    b = torch.cat([expert.lora_B for _, expert in present], dim=1)
+    columns = torch.cat([torch.full((expert.lora_A.shape[0],), i, device=x.device) for i, expert in present])
+    per_rank = torch.cat([torch.full((expert.lora_A.shape[0],), expert.scaling * weight, dtype=dtype,
+                                     device=x.device) for _, expert in present])
+    h = F.linear(x.to(dtype), a) * (lam[..., columns] * per_rank)
+    return add_into(y, F.linear(h, b))
 
 
 # ---- the rewrite ----------------------------------------------------------------------------

@@ -162,6 +162,18 @@ def test_matches_peft(setting, fields):
         assert not torch.allclose(logits(adapted, ids), expected)  # the experts do change the output
 
 
+def test_fused_experts_equal_one_expert_at_a_time(setting, monkeypatch):
+    """Experts without dropout or bias run as two matmuls for all of them; the same sum as the loop."""
+    from rewriter.methods import xlora
+    traced, base, paths, ids = setting
+    adapted = ours_like_peft(traced, paths, peft_xlora(base, paths), global_scaling_weight=0.7)
+    adapted.set_adapter("xl")
+    fused = logits(adapted, ids)
+    monkeypatch.setattr(xlora, "_linear_in_x", lambda expert: False)
+    looped = logits(adapted, ids)
+    assert (fused - looped).abs().max() <= output_tolerance(looped, torch.float32) and not torch.equal(fused, looped)
+
+
 def test_scaling_pass_is_only_what_the_classifier_needs(setting):
     """Value 0: no expert node in the scaling pass; the LM head is computed once (main pass only)."""
     traced, _, paths, _ = setting
