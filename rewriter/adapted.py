@@ -232,7 +232,7 @@ class Adapted(nn.Module):
             mode = getattr(d.config, "bias", "none")
             if mode == "all":
                 for n, p in self.gm.named_parameters():
-                    if n.endswith("bias") and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR)):
+                    if n.endswith("bias") and not n.startswith((ADAPTERS_ATTR, MERGED_ATTR, TRAINED_ATTR)):
                         p.requires_grad_(True)
             elif mode != "none" and d.site in self.sites and self.sites[d.site].bias:
                 self.gm.get_parameter(self.sites[d.site].bias).requires_grad_(True)
@@ -398,7 +398,7 @@ class Adapted(nn.Module):
                 copy.requires_grad_(name in live and not self._disabled)
         previous = _code_key(self.gm)
         graph = build_graph(self._base_graph, self.sites, self._stacks(), self._merged_attrs())
-        self.gm.graph = self._rewrite_graph(graph)  # recompiles
+        self.gm.graph = self._rewrite_graph(self._read_trained_copies(graph))  # recompiles
         _forget_code(previous)
         for mixed in self._mixed.values():
             _forget_code(_code_key(mixed))
@@ -406,14 +406,18 @@ class Adapted(nn.Module):
         from .training import apply_activation_checkpointing
         apply_activation_checkpointing(self)  # keeps gradient checkpointing across regenerations
 
-    def _rewrite_graph(self, graph: fx.Graph) -> fx.Graph:
-        """Apply the active graph-scope adapters (bottom first) to the graph with site adapters."""
-        if self._disabled:
-            return graph
+    def _read_trained_copies(self, graph: fx.Graph) -> fx.Graph:
+        """Point the graph's reads of modules trained whole at the live adapter's copies."""
         trained = self._trained_map()
         for node in graph.nodes:
             if node.op == "get_attr" and node.target in trained:
                 node.target = trained[node.target]
+        return graph
+
+    def _rewrite_graph(self, graph: fx.Graph) -> fx.Graph:
+        """Apply the active graph-scope adapters (bottom first) to the graph with site adapters."""
+        if self._disabled:
+            return graph
         for name in self._active:
             record = self.adapters[name]
             if record.scope != "graph" or name in self._merged:
