@@ -251,6 +251,21 @@ def test_merge_is_refused(setting):
     assert adapted.merged == []
 
 
+def test_unmerged_pt2_export_runs_both_passes_without_rewriter(setting, tmp_path):
+    traced, _, paths, ids = setting
+    adapted = Adapted(traced.clone())
+    adapted.add_adapter(xlora_rules(paths, xlora_depth=2, xlora_size=8), "xl")
+    expected = logits(adapted, ids)
+    rewriter.export(adapted, tmp_path / "xl.pt2", merged=False)
+    program = torch.export.load(tmp_path / "xl.pt2").module()
+    with torch.no_grad():
+        out = program(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    assert torch.equal(out, expected)
+    with pytest.raises(MergeError, match="per token"):
+        rewriter.export(adapted, tmp_path / "merged.pt2", merged=True)
+    assert not (tmp_path / "merged.pt2").exists()
+
+
 def test_other_adapters_at_expert_layers_are_refused(setting):
     traced, _, paths, _ = setting
     adapted = Adapted(traced.clone())
