@@ -506,19 +506,25 @@ def scaling(setting: Setting) -> list[dict]:
 
 
 def explain_time(setting: Setting) -> dict:
-    """``rewriter explain`` from the shell on the benchmark model: wall and CPU seconds, or the error."""
+    """``rewriter explain`` from the shell on the benchmark model, twice on a fresh site cache: cold (it
+    traces) and warm (the model is unchanged, so its sites come from the cache); wall and CPU seconds
+    of each, or the error."""
     exe = shutil.which("rewriter", path=str(Path(sys.executable).parent)) or shutil.which("rewriter")
     command = [exe] if exe else [sys.executable, "-m", "rewriter.cli"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                                      os.environ.get("PYTHONPATH")]))}
     args = ["explain", str(EXPLAIN_RULES), "--model", f"compare_peft:{setting.factory}"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done, sample = timed_call(lambda: subprocess.run(command + args, env=env, capture_output=True, text=True))
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = {"wall_s": sample.wall, "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
-    if done.returncode != 0:
-        out["error"] = (done.stderr.strip().splitlines() or ["failed"])[-1]
-    return out
+    runs = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "REWRITER_CACHE_DIR": cache,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+        for run in ("cold", "warm"):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            done, sample = timed_call(lambda: subprocess.run(command + args, env=env, capture_output=True, text=True))
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            out = {"wall_s": sample.wall, "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+            if done.returncode != 0:
+                out["error"] = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            runs[run] = out
+    return runs
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -638,8 +644,9 @@ def markdown(results: dict, run: dict) -> str:
         f"torch.compile (inductor, default mode) for {', '.join(run['compiled'])}: eval forward ours/PEFT "
         "(ms), and the first call's CPU seconds (the compile; the inductor cache may be warm).",
         f"`rewriter explain {EXPLAIN_RULES.relative_to(REPO)} --model compare_peft:{s['factory']}` from the shell: "
-        f"{explain['wall_s']:.1f} s wall, {explain['cpu_s']:.1f} s CPU"
-        + (f" (failed: {explain['error']})" if "error" in explain else "") + ".",
+        + "; ".join(f"{run} {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU"
+                    + (f" (failed: {r['error']})" if "error" in r else "") for run, r in explain.items())
+        + " (cold: traces the model; warm: the unchanged model's sites come from the site cache).",
         "",
         "Trace + apply (LoRA on all seven projections) by depth, warm process:",
         "",

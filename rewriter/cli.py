@@ -74,17 +74,38 @@ def _say(args, text: str) -> None:
 
 
 def cmd_explain(args) -> int:
-    from .adapted import Adapted
     from .rules import format_plan, load_rules, plan
-    adapted = Adapted(_traced(args.model, dynamic=False))  # sites do not depend on shapes
     ruleset = load_rules(args.rules)  # graph-level methods (Llama-Adapter, X-LoRA) match their own targets
-    p = plan(ruleset, list(adapted.targets(ruleset.method).values()), adapted.module_names())
+    model = _site_table(args, ruleset.method)
+    p = plan(ruleset, list(model.targets(ruleset.method).values()), model.module_names())
     if args.json:
         print(json.dumps({**p.to_json(), "counts": p.counts, "warnings": p.warnings,
                           "unmatched": p.unmatched}, indent=2, default=str))
     else:
         print(format_plan(p))
     return 0
+
+
+def _site_table(args, method: str):
+    """The traced model's sites (an :class:`Adapted`, or a :class:`SiteTable` from the cache when the
+    model has not changed since it was last traced)."""
+    from . import sitecache
+    key = None if args.no_cache else sitecache.model_key(args.model, dynamic=False)
+    table = sitecache.load(key) if key else None
+    if table is not None and table.has(method):
+        if not args.quiet:
+            print(f"(sites of {args.model} from the cache {sitecache.cache_dir()}; --no-cache retraces)",
+                  file=sys.stderr)
+        return table
+    from .adapted import Adapted
+    adapted = Adapted(_traced(args.model, dynamic=False))  # sites do not depend on shapes
+    if key:
+        table = table or sitecache.SiteTable(dict(adapted.sites), adapted.module_names())
+        try:
+            table.add(adapted, method)  # may raise (no attention for Llama-Adapter): the sites are kept
+        finally:
+            sitecache.store(key, table)
+    return adapted
 
 
 def cmd_apply(args) -> int:
@@ -226,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rules")
     model_arg(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-cache", action="store_true",
+                   help="trace the model even when its sites are cached (see REWRITER_CACHE_DIR in the README)")
 
     p = verb("apply", cmd_apply, "apply a rule file and save the initialised adapter")
     p.add_argument("rules")

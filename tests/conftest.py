@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # the suite is many tiny tensors: one thread avoids thread-pool overhead and oversubscription
 torch.set_num_threads(1)
+
+# `rewriter explain` caches model sites; the suite never reads or writes the user's cache
+os.environ["REWRITER_CACHE_DIR"] = tempfile.mkdtemp(prefix="rewriter-test-cache-")
+atexit.register(shutil.rmtree, os.environ["REWRITER_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
