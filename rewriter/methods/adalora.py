@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, RewriterError
 from .base import (AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_number,
                    check_probability, register, round_like_base)
-from .lora import add_into
+from .lora import add_into, up_projection
 
 #: LoraConfig fields that PEFT's AdaLoRA layers never read; accepted from PEFT configs
 _UNUSED_LORA_FIELDS = frozenset({
@@ -145,7 +145,7 @@ class AdaLoraModule(AdapterModule):
         x = x.to(self.lora_A.dtype)
         # scale the r-wide hidden state rather than the output: the cheapest place
         singular = self.lora_E.view(-1) * (self.scaling / self._rank_divisor)
-        return add_into(y, F.linear(F.linear(self.dropout(x), self.lora_A) * singular, self.lora_B))
+        return add_into(y, up_projection(F.linear(self.dropout(x), self.lora_A) * singular, self.lora_B))
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / self._rank_divisor

@@ -26,6 +26,7 @@ from torch import nn
 
 from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_number, check_probability, register,
                    round_like_base)
+from .lora import up_projection
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class LoHaModule(LycorisModule):
         r2 = self.config.r ** 2
         u = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_features, r2)
         v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r2, self.in_features)
-        return F.linear(F.linear(x, v), u * self.scaling)
+        return up_projection(F.linear(x, v), u * self.scaling)
 
     def extra_repr(self) -> str:
         form = "factored" if self.factored else "dense"
