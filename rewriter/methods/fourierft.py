@@ -32,6 +32,10 @@ from .lora import add_into
 
 #: the seed range ``torch.Generator.manual_seed`` accepts
 _SEED_RANGE = (-(2**63), 2**64 - 1)
+#: weight entries per learned one above which training uses _SpectralLinear (see FourierFTModule)
+_SPECTRAL_MIN_RATIO = 400
+#: bytes of the per-chunk temporaries in _spectrum_grad
+_CHUNK_BYTES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,10 @@ class FourierFTModule(AdapterModule):
         for name, table in zip(("half_rows", "half_cols", "half_source"), self._half_table()):
             self.register_buffer(name, table, persistent=False)
         self.fourierft_spectrum = nn.Parameter(torch.zeros(config.n_frequency))
+        # training: the spectrum's gradient from per-token FFTs (_SpectralLinear) beats the dense
+        # tokens x out x in weight gradient on CPU above about 400 weight entries per learned one (measured
+        # crossover between 512x512 and 768x768 at n_frequency 1000; bench/README.md)
+        self.spectral_backward = numel >= _SPECTRAL_MIN_RATIO * config.n_frequency
         self.reset_parameters(site.dtype)
 
     def _locations(self) -> torch.Tensor:
@@ -139,6 +147,13 @@ class FourierFTModule(AdapterModule):
         return torch.fft.irfft2(half, s=(self.out_features, self.in_features)).to(spectrum.dtype)
 
     def post(self, x, y, bias, *, weight):
+        spectrum = self.fourierft_spectrum
+        if (y is None and self.spectral_backward and spectrum.device.type == "cpu" and torch.is_grad_enabled()
+                and weight.dtype == spectrum.dtype == torch.float32 and spectrum.requires_grad
+                and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())):
+            # on 2-D rows: a custom Function's output must not be a view (later posts add into it in place)
+            rows = _SpectralLinear.apply(x.to(spectrum.dtype).reshape(-1, x.shape[-1]), weight, bias, spectrum, self)
+            return rows.view(*x.shape[:-1], rows.shape[-1])
         delta = self.delta_weight()
         if y is None and weight.dtype == delta.dtype:  # the base matmul is ours to compute
             return F.linear(x.to(delta.dtype), weight + delta, bias)
@@ -151,6 +166,53 @@ class FourierFTModule(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_frequency={self.config.n_frequency}, scaling={self.scaling}"
+
+
+class _SpectralLinear(torch.autograd.Function):
+    """``F.linear(x, W + ΔW(c), b)`` whose backward never forms the dense ``dL/dΔW = gᵀ x``.
+
+    ``dL/dc_j = s / (out·in) · Σ_t Re(Ĝ[t, r_j] X̂[t, k_j])`` with ``Ĝ``, ``X̂`` the DFTs of each token's
+    output gradient (length out) and input (length in): the cosine basis of ``ΔW`` separates into one
+    factor per dimension.  Two batches of 1-D real FFTs and a gather over the ``n`` learned entries
+    replace a ``tokens x out x in`` matmul plus a 2-D FFT, about 3x less work per site in training."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spectrum, module):  # x: [tokens, in]
+        with torch.no_grad():
+            merged = weight + module.delta_weight()
+        ctx.module = module
+        ctx.save_for_backward(x, merged)
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, merged = ctx.saved_tensors
+        module = ctx.module
+        needs_x, needs_weight, needs_bias, needs_spectrum, _ = ctx.needs_input_grad
+        grad_x = grad.matmul(merged) if needs_x else None
+        grad_weight = grad.t().matmul(x) if needs_weight else None
+        grad_bias = grad.sum(0) if needs_bias else None
+        grad_spectrum = _spectrum_grad(module, grad, x) if needs_spectrum else None
+        return grad_x, grad_weight, grad_bias, grad_spectrum, None
+
+
+def _spectrum_grad(module, tokens_out: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
+    out_f, in_f = module.out_features, module.in_features
+    rows, cols = module.indices // in_f, module.indices % in_f
+    # DFT entry f of a real signal of length m: the rfft's entry f, or the conjugate of entry m - f
+    fold_r, fold_c = torch.minimum(rows, out_f - rows), torch.minimum(cols, in_f - cols)
+    sign = torch.where((rows > out_f // 2) == (cols > in_f // 2), 1.0, -1.0).to(tokens_out.dtype)
+    # per frequency, a contiguous row over tokens: gathering rows is cheap, gathering strided columns is not
+    g_hat = torch.view_as_real(torch.fft.rfft(tokens_out.float(), dim=1).t().contiguous())
+    x_hat = torch.view_as_real(torch.fft.rfft(tokens_in.float(), dim=1).t().contiguous())
+    # Re(a b) = ar br - ai bi, the conjugations folded into sign; in chunks of entries so that the
+    # temporaries stay small enough for the allocator to reuse (fresh multi-MB buffers page-fault)
+    chunk = max(1, _CHUNK_BYTES // (8 * tokens_out.shape[0]))
+    sums = torch.cat([(g_hat[fold_r[i:i + chunk]] * x_hat[fold_c[i:i + chunk]]).sum(1)
+                      for i in range(0, len(fold_r), chunk)])
+    real, imag = sums.unbind(-1)
+    return (real - sign * imag) * (module.scaling / (out_f * in_f))
 
 
 SPEC = register(MethodSpec(

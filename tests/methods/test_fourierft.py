@@ -89,6 +89,71 @@ def test_gradients_reach_only_the_spectrum(case):
     assert_gradients_reach_every_parameter(x, weight, bias, modules, fourier, "fourierft_spectrum")
 
 
+@st.composite
+def spectral_cases(draw):
+    in_features, out_features = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    return dict(in_features=in_features, out_features=out_features, dtype=torch.float32,
+                n_frequency=draw(st.integers(1, min(in_features * out_features, 80))),
+                scaling=draw(st.sampled_from([1.0, 150.0, -37.5])), loc_seed=draw(st.integers(0, 2**63 - 1)),
+                seed=draw(st.integers(0, 2**31 - 1)), batch=draw(st.sampled_from([(3,), (2, 5), (1, 1)])),
+                bias=draw(st.booleans()), train_bias=draw(st.booleans()), train_weight=draw(st.booleans()))
+
+
+def spectral_backward_of(y) -> bool:
+    """y comes from _SpectralLinear (reshaped to the input's batch shape)."""
+    fn = y.grad_fn
+    while fn is not None and type(fn).__name__ == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return fn is not None and type(fn).__name__ == "_SpectralLinearBackward"
+
+
+@given(spectral_cases())
+def test_the_spectral_backward_gives_autograds_gradients(case):
+    """Training's FFT-based spectrum gradient (_SpectralLinear) equals autograd's through the dense ΔW,
+    for every input, bias and weight gradient, on any shape (odd sizes fold their mirrors differently)."""
+    site, x, weight, bias = seeded_site_tensors(case)
+    module = build_module("fourierft", site, n_frequency=case["n_frequency"], scaling=case["scaling"],
+                          random_loc_seed=case["loc_seed"])
+    module.spectral_backward = True
+    grad_out = torch.randn(*case["batch"], site.out_features)
+    runs = []
+    for spectral in (True, False):
+        leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(case["train_weight"]),
+                  None if bias is None else bias.clone().requires_grad_(case["train_bias"])]
+        module.zero_grad()
+        if spectral:
+            y = module.post(leaves[0], None, leaves[2], weight=leaves[1])
+            assert spectral_backward_of(y)
+        else:
+            y = F.linear(leaves[0], leaves[1] + module.delta_weight(), leaves[2])
+        y.backward(grad_out)
+        runs.append((y.detach(), module.fourierft_spectrum.grad.clone(),
+                     *[None if t is None or t.grad is None else t.grad for t in leaves]))
+    # rounding is at most a few ulps of the sum of |terms|: |s| / (out in) sum_t |g_t|_1 |x_t|_1 per entry
+    g2, x2 = grad_out.reshape(-1, site.out_features), x.reshape(-1, site.in_features)
+    terms = abs(case["scaling"]) / (site.out_features * site.in_features) * (g2.abs().sum(1) * x2.abs().sum(1)).sum()
+    eps = torch.finfo(torch.float32).eps
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert max_error(runs[0][1], runs[1][1]) <= 64 * eps * terms
+    for ours, dense in zip(runs[0][2:], runs[1][2:]):
+        assert (ours is None) == (dense is None)
+        if ours is not None:
+            assert torch.allclose(ours, dense, rtol=16 * eps, atol=16 * eps * float(dense.abs().max()))
+
+
+def test_training_uses_the_spectral_backward_only_where_it_pays():
+    large = build_module("fourierft", make_site(512, 1376), n_frequency=1000)
+    small = build_module("fourierft", make_site(512, 512), n_frequency=1000)
+    assert large.spectral_backward and not small.spectral_backward
+    x, weight = torch.randn(2, 4, 512, requires_grad=True), torch.randn(1376, 512)
+    assert spectral_backward_of(large.post(x, None, None, weight=weight))
+    with torch.no_grad():  # inference: the plain matmul, nothing saved for a backward
+        assert large.post(x, None, None, weight=weight).grad_fn is None
+    large.fourierft_spectrum.requires_grad_(False)
+    assert not spectral_backward_of(large.post(x, None, None, weight=weight))
+    assert not spectral_backward_of(small.post(x[..., :512], None, None, weight=torch.randn(512, 512)))
+
+
 def test_adapter_parameters_are_float32_and_rounded_like_the_base():
     torch.manual_seed(0)
     module = build_module("fourierft", make_site(16, 8, dtype=torch.bfloat16), n_frequency=40)
