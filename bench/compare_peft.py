@@ -26,6 +26,7 @@ _STARTED = time.perf_counter()  # total wall includes the imports below
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import math
@@ -313,6 +314,9 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+
+
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
         f.write("5")
@@ -321,10 +325,23 @@ def _reset_peak_rss() -> None:
 _FORK_STATE: dict[str, Base] = {}  # what forked children inherit: model, trace, inputs, experts
 
 
+def _fixed_malloc_thresholds() -> None:
+    """glibc returns a freed block of 64 KB or more to the OS at once.  By default its thresholds move
+    with the process's history, so the same step's peak RSS varied by +-10% between runs; fixed, it
+    repeats to 1 MiB and follows the memory actually in use (both sides alike)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: measure with its defaults
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 65536)
+    libc.mallopt(M_TRIM_THRESHOLD, 65536)
+
+
 def _rss_child(job: tuple[str, str]) -> float | str:
     """Peak RSS growth in MiB of setting up ``method`` on ``side`` and training it a few steps."""
     method, side = job
     base = _FORK_STATE["base"]
+    _fixed_malloc_thresholds()
     try:
         baseline = _status_kb("VmRSS")
         _reset_peak_rss()
