@@ -127,6 +127,7 @@ class _GraphOps(_Ops):
 
     def __init__(self, graph: fx.Graph, node: fx.Node, x_index: int, weight: fx.Node, transposed: bool):
         self.graph, self.node, self.x_index = graph, node, x_index
+        self.input = node.args[x_index]  # before a pre hook takes its place
         self.weight, self.transposed = weight, transposed
         self.last = node
 
@@ -142,15 +143,24 @@ class _GraphOps(_Ops):
             self.last = self.graph.create_node(*args, **kwargs)
         return self.last
 
+    def _recompute(self, x) -> dict:
+        """``recompute=(a, b)`` when the adapter's input is the site input ``a * b`` (rewriter.recompute)."""
+        if x is self.input and isinstance(x, fx.Node) and x.op == "call_function" \
+                and x.target is torch.ops.aten.mul.Tensor and len(x.args) == 2 \
+                and all(isinstance(a, fx.Node) for a in x.args):
+            return {"recompute": tuple(x.args)}
+        return {}
+
     def pre(self, entry, x):
         with self.graph.inserting_before(self.node):
-            new = self._stamp(self.graph.call_module(entry.target, (x,), {"stage": "pre"}), entry)
+            new = self._stamp(self.graph.call_module(entry.target, (x,), {"stage": "pre", **self._recompute(x)}),
+                              entry)
             if entry.gate:
                 new = self.graph.call_function(gate_rows, (self.graph.get_attr(entry.gate), new, x))
             return new
 
     def post(self, entry, x, y, bias, with_weight):
-        kwargs = {"stage": "post"}
+        kwargs = {"stage": "post", **self._recompute(x)}
         if entry.module.needs_weight:
             weight = self.weight if with_weight else None
             if weight is not None and self.transposed:  # modules always see [out, in]

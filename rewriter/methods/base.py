@@ -55,7 +55,17 @@ class AdapterModule(nn.Module):
         self.out_features = site.out_features
         self.config = config
 
-    def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None):
+    def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None, recompute=None):
+        """``recompute``: the operands ``(a, b)`` of ``x = a * b``, when the graph knows them; the
+        backward then multiplies again instead of keeping ``x`` (see :mod:`rewriter.recompute`)."""
+        if recompute is not None and stage != "bias":
+            from ..recompute import applies, recomputed
+            if applies(x, recompute):
+                with recomputed(x, recompute):
+                    return self._stage(x, y, bias, stage, weight)
+        return self._stage(x, y, bias, stage, weight)
+
+    def _stage(self, x, y, bias, stage: str, weight):
         if stage == "pre":
             return self.pre(x)
         if stage == "bias":

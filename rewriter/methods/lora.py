@@ -59,8 +59,12 @@ def up_projection(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``h @ B.T`` for a low-rank ``B [out, r]``, multiplied against a row-major copy of ``B.T`` (r x out, a
     few KB).  Same values as ``F.linear(h, B)``, but autograd then forms both backward matmuls in the
     layouts CPU GEMMs are fast at (``h.T @ g`` and ``g @ B`` over a transposed view): ``F.linear``'s
-    ``g.T @ h`` for the weight gradient costs about 8x more at rank 8 (bench/README.md)."""
-    return torch.matmul(h, B.t().contiguous())
+    ``g.T @ h`` for the weight gradient costs about 8x more at rank 8 (bench/README.md).  Only when ``B``
+    is trained: exported graphs keep ``F.linear(h, B)``, where ``B`` stays a named, swappable weight (ONNX
+    would fold the copy into an anonymous constant)."""
+    if torch.is_grad_enabled() and B.requires_grad and not torch.compiler.is_exporting():
+        return torch.matmul(h, B.t().contiguous())
+    return F.linear(h, B)
 
 
 class LoraModule(AdapterModule):
