@@ -186,6 +186,61 @@ def trace_model(model, example_inputs=None, *, dynamic: bool = True, with_labels
     finally:
         model.train(was_training)
     gm = ep.module()
+    share_float_attention_masks(gm)
     examples = {str(i): a for i, a in enumerate(args)} if positional else kwargs
     return Traced(gm=gm, example_inputs=examples, static_kwargs=static, positional=positional, source=model,
                   seconds=time.perf_counter() - start)
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def share_float_attention_masks(gm: fx.GraphModule) -> None:
+    """Give attention one additive float mask per boolean mask, made once.
+
+    ``scaled_dot_product_attention`` turns a boolean mask into a float one on every call and keeps that
+    copy for its backward: one ``batch x tokens x tokens`` tensor per layer where one per model does.
+    (Eager transformers usually skips the mask; an exported graph keeps it.)  The conversion is the one
+    sdpa applies itself (``-inf`` where the mask is False, else 0), so results are bitwise unchanged."""
+    graph = gm.graph
+    users: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _SDPA:
+            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            if isinstance(mask, fx.Node) and getattr(mask.meta.get("val"), "dtype", None) is torch.bool:
+                users.setdefault(mask, []).append(node)
+    changed = False
+    for mask, calls in users.items():
+        dtypes = {getattr(c.args[0].meta.get("val"), "dtype", None) for c in calls}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            continue
+        (dtype,) = dtypes
+        with graph.inserting_after(mask):
+            masked = graph.call_function(torch.ops.aten.logical_not.default, (mask,))
+        with graph.inserting_after(masked):
+            zero = graph.call_function(torch.ops.aten.scalar_tensor.default, (0.0,),
+                                       {"dtype": dtype, "device": mask.meta["val"].device})
+        with graph.inserting_after(zero):
+            additive = graph.call_function(torch.ops.aten.where.ScalarSelf, (masked, float("-inf"), zero))
+        fake = mask.meta["val"]
+        mode = getattr(fake, "fake_mode", None)
+        if mode is not None:
+            with mode:
+                m = torch.ops.aten.logical_not.default(fake)
+                z = torch.ops.aten.scalar_tensor.default(0.0, dtype=dtype, device=fake.device)
+                for node, val in ((masked, m), (zero, z),
+                                  (additive, torch.ops.aten.where.ScalarSelf(m, float("-inf"), z))):
+                    node.meta["val"] = val
+        for node in (masked, zero, additive):
+            for key in ("nn_module_stack", "stack_trace"):
+                if key in mask.meta:
+                    node.meta[key] = mask.meta[key]
+        for call in calls:
+            if len(call.args) > 3:
+                call.update_arg(3, additive)
+            else:
+                call.update_kwarg("attn_mask", additive)
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()

@@ -1,4 +1,6 @@
 """Tracing across architectures: sites found by weight, outputs identical to eager, HF output types kept."""
+import sys
+
 import pytest
 import torch
 from torch import fx
@@ -71,3 +73,37 @@ def test_bad_model_gives_a_trace_error():
         trace_model(torch.nn.Linear(4, 4))  # a plain module that carries no example inputs
     with pytest.raises(rewriter.TraceError, match="expected an nn.Module"):
         trace_model("not a model")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+def test_attention_shares_one_float_mask_with_bitwise_equal_results(name, monkeypatch):
+    """The boolean mask becomes one additive float mask for every attention call: sdpa then keeps one
+    copy for the backward instead of one per layer, and the logits do not change by a bit."""
+    trace_module = sys.modules["rewriter.trace"]  # the package's `trace` attribute is the function
+    model = load_model(f"builtin:{name}")
+    shared = trace_model(model)
+    monkeypatch.setattr(trace_module, "share_float_attention_masks", lambda gm: None)
+    plain = trace_model(model)
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    calls = [n for n in shared.gm.graph.nodes if n.target is sdpa]
+    masks = {n.args[3] for n in calls}
+    assert len(calls) > 1 and len(masks) == 1 and next(iter(masks)).target is torch.ops.aten.where.ScalarSelf
+    inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in shared.example_inputs.items()}
+    inputs["attention_mask"][0, :2] = 0  # real padding: the mask matters
+    results = []
+    for traced in (shared, plain):
+        masks_saved = set()
+
+        def pack(t, masks_saved=masks_saved):
+            batch, seq = inputs["attention_mask"].shape
+            if t.dim() == 4 and t.shape[0] == batch and t.shape[1] == 1 and t.shape[-1] == seq \
+                    and t.is_floating_point():  # (batch, 1, queries, keys) masks, not RoPE's (1, 1, seq, dim)
+                masks_saved.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = traced.gm(**inputs)
+        logits = out[0] if isinstance(out, (tuple, list)) else out.logits
+        assert logits.requires_grad  # the parameters train: attention saves what its backward needs
+        results.append((logits, len(masks_saved)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1] == 1 and results[1][1] == len(calls)
