@@ -282,9 +282,9 @@ def mirror(adapted, gen) -> None:
     wanted = [] if disabled else list(dict.fromkeys(adapted.merged + adapted.active_adapters))
     for name in wanted:
         record = adapted.adapters[name]
-        if get_method(record.method).scope != "site":
-            raise RewriterError(f"adapter '{name}' ({record.method}) rewrites the graph as a whole, and generate() "
-                                "supports adapters at linear layers only",
+        why = get_method(record.method).cannot_generate
+        if why:
+            raise RewriterError(f"adapter '{name}' ({record.method}): generate() cannot decode with it: {why}",
                                 fix="set_adapter() to other adapters, or generate inside disable_adapters()")
     if gen.merged:
         gen.unmerge()

@@ -234,3 +234,29 @@ def test_a_trained_head_copy_generates_like_the_model_with_that_head(lm):
     finally:
         lm.set_adapter("default")
         lm.delete_adapter("head")
+
+
+def test_llama_adapter_generates_as_its_full_forward_and_as_peft(traced_models, tmp_path):
+    """Llama-Adapter's rewrite applies to the decoding graph (keys reach attention through the KV cache):
+    greedy tokens equal decoding with the whole sequence re-run every step, and PEFT's generate."""
+    import peft
+    rules = open("rules/adaption-prompt-llama.toml").read()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        adapted = rewriter.apply(traced_models("tiny-llama"), rules)
+    with torch.no_grad():
+        for module in adapted.adapters["default"].modules.values():
+            module.adaption_gate.fill_(0.8)
+            module.adaption_prompt.mul_(40.0)  # large enough to change the greedy tokens
+    out = adapted.generate(IDS, max_new_tokens=NEW)
+    sequence = IDS
+    with torch.no_grad():
+        for _ in range(NEW):
+            step = adapted(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1]
+            sequence = torch.cat([sequence, step.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, sequence)
+    with adapted.disable_adapters():
+        assert not torch.equal(out, adapted.generate(IDS, max_new_tokens=NEW))  # the prompts change the tokens
+    adapted.save_adapter(tmp_path / "peft", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(adapted.source_model), tmp_path / "peft").eval()
+    assert torch.equal(out, eager(theirs))

@@ -63,6 +63,8 @@ _LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, a
 #: RoPE: the keys times position tensors (cos, sin), rotated halves, sums of those
 _ROPE_ARITHMETIC = {aten.mul.Tensor, aten.add.Tensor}
 _ROPE_REARRANGE = {aten.cat.default, aten.neg.default}
+#: a KV cache write (generation's static cache): the new keys reach attention through the cache buffer
+_CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
 #: ops that keep a projection's channels where they are (before the split into heads)
 _SAME_CHANNELS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
                   aten.contiguous.default, aten.alias.default, aten.to.dtype, aten._to_copy.default}
@@ -232,7 +234,7 @@ def _passes(node: fx.Node) -> bool:
     """Layout ops, and RoPE's: products and sums of tensors (a number would scale the keys)."""
     if node.target in _ROPE_ARITHMETIC:
         return all(isinstance(a, fx.Node) for a in node.args[:2])
-    return node.target in _LAYOUT or node.target in _ROPE_REARRANGE
+    return node.target in _LAYOUT or node.target in _ROPE_REARRANGE or node.target in _CACHE_WRITES
 
 
 def _channels(site, matmul: fx.Node, path: set, head_dim: int, what: str):

@@ -151,6 +151,9 @@ class MethodSpec:
     #: method keeps of those its rules matched, when its config chooses among them (Llama-Adapter: the
     #: top ``adapter_layers`` blocks).  Raise ConfigError (with ``field``) when the config cannot be met.
     select: Any = None
+    #: why ``Adapted.generate`` cannot decode with this method (None: it can).  Site methods and
+    #: graph methods whose rewrite applies to the decoding graph as found there (Llama-Adapter) can.
+    cannot_generate: str | None = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]

@@ -579,4 +579,6 @@ SPEC = register(MethodSpec(
     rewrite=rewrite,
     checkpoint_hooks=XLoraCheckpoint(),
     summary="mixture of LoRA experts, weighted per token and layer by a classifier (Buehler & Buehler 2024)",
+    cannot_generate="X-LoRA's scaling pass runs the whole model a second time, which the static-KV-cache decoding "
+                    "graph does not",
 ))

@@ -251,6 +251,14 @@ def test_merge_is_refused(setting):
     assert adapted.merged == []
 
 
+def test_generate_is_refused_with_the_reason(setting):
+    traced, _, paths, ids = setting
+    adapted = Adapted(traced.clone())
+    adapted.add_adapter(xlora_rules(paths), "xl")
+    with pytest.raises(RewriterError, match="'xl' \\(xlora\\).*scaling pass"):
+        adapted.generate(ids, max_new_tokens=2)
+
+
 def test_unmerged_pt2_export_runs_both_passes_without_rewriter(setting, tmp_path):
     traced, _, paths, ids = setting
     adapted = Adapted(traced.clone())
