@@ -162,6 +162,23 @@ def test_matches_peft(setting, fields):
         assert not torch.allclose(logits(adapted, ids), expected)  # the experts do change the output
 
 
+def test_matches_peft_in_bfloat16(setting, traced_models):
+    """A bf16 model with the same (float32-saved) experts: the logits agree within bf16 rounding, and the
+    experts move them by more than that, so the agreement means something."""
+    _, base, paths, ids = setting
+    traced = traced_models("tiny-llama", torch.bfloat16)
+    peft_model = peft_xlora(copy.deepcopy(base).to(torch.bfloat16), paths)
+    adapted = ours_like_peft(traced, paths, peft_model)
+    adapted.set_adapter("xl")
+    expected = logits(peft_model, ids)
+    got = logits(adapted, ids)
+    tolerance = output_tolerance(expected, torch.bfloat16)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert (got.float() - expected.float()).abs().max().item() <= tolerance
+    with adapted.disable_adapters():
+        assert (logits(adapted, ids).float() - expected.float()).abs().max().item() > tolerance
+
+
 def test_fused_experts_equal_one_expert_at_a_time(setting, monkeypatch):
     """Experts without dropout or bias run as two matmuls for all of them; the same sum as the loop."""
     from rewriter.methods import xlora
