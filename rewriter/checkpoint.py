@@ -140,7 +140,8 @@ def fill_modules(modules: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         problems.append(f"shape mismatch: {'; '.join(mismatched[:6])}")
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + " | ".join(problems), where=where,
-                              fix="load it onto the model (and rules) it was trained for")
+                              fix="load it onto the model (and rules) it was trained for; if the model's modules "
+                                  "were renamed, pass remap= (CLI: --remap) with a [remap] table")
     cast = {key: _cast_checked(tensors[key], value, key, where) for key, (_, _, value) in expected.items()}
     with torch.no_grad():
         for key, (site, param, value) in expected.items():
@@ -426,6 +427,8 @@ def _load_one(adapted, directory: Path, adapter_name, activate, low_cpu_mem_usag
     if not isinstance(extras, Mapping) or not set(extras) <= hooked:
         raise CheckpointError("manifest 'site_extra' names sites whose method keeps no extra checkpoint data",
                               where=where, fix="the manifest was edited or corrupted: save the adapter again")
+    if remap:
+        extras, site_tensors = _remap_inside(p, extras, site_tensors, remap, where)
     p = _configs_with_extras(p, extras)
     modules = _materialise(adapted, p, low_cpu_mem_usage)
     _fill(modules, p, site_tensors, lambda site, k: f"sites/{site}/{k}", extras, str(weights))
@@ -466,6 +469,25 @@ def _remap_site_key(key: str, remap) -> str:
     return f"sites/{remap.apply(site)}/{tensor}"
 
 
+def _remap_inside(p: Plan, extras: Mapping[str, Any], site_tensors: dict, remap, where: str):
+    """Module names a method keeps inside its own saved data (X-LoRA: its experts' sites), renamed by
+    the method's ``remap`` checkpoint hook."""
+    extras, site_tensors = dict(extras), dict(site_tensors)
+    for d in p.decisions:
+        hook = getattr(get_method(d.method).checkpoint_hooks, "remap", None)
+        if hook is None or d.site not in extras:
+            continue
+        prefix = f"sites/{d.site}/"
+        mine = {k[len(prefix):]: site_tensors.pop(k) for k in [k for k in site_tensors if k.startswith(prefix)]}
+        try:
+            extras[d.site], mine = hook(extras[d.site], mine, remap)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise CheckpointError(f"the saved data of '{d.site}' ({d.method}) cannot be renamed: it is malformed",
+                                  where=where, fix="the manifest was edited or corrupted: save the adapter again") from None
+        site_tensors.update({prefix + k: v for k, v in mine.items()})
+    return extras, site_tensors
+
+
 def _configs_with_extras(p: Plan, extras: Mapping[str, Any]) -> Plan:
     """Methods whose modules cannot be built from the config alone (X-LoRA: its experts' layouts)
     take their saved extra into the config first."""
@@ -487,8 +509,9 @@ class _Staged:
         self.install()
 
 
-def read_adapter_modules(adapted, directory) -> dict:
-    """The ``{site: module}`` of the one adapter in ``directory`` (either format), validated, not installed."""
+def read_adapter_modules(adapted, directory, remap=None) -> dict:
+    """The ``{site: module}`` of the one adapter in ``directory`` (either format), validated, not installed;
+    ``remap`` renames its modules first (see :func:`load_adapter_into`)."""
     from .rules import read_remap
     directory = Path(directory)
     if _adapter_dirs(directory)[0] != directory:
@@ -497,7 +520,7 @@ def read_adapter_modules(adapted, directory) -> dict:
     while name in adapted.adapters:
         name += "_"
     loader = _load_one if (directory / MANIFEST).exists() else _load_one_peft
-    return loader(adapted, directory, name, False, False, read_remap(None))[1].modules
+    return loader(adapted, directory, name, False, False, read_remap(remap))[1].modules
 
 
 def _fill_train(adapted, p: Plan, tensors: Mapping[str, torch.Tensor], where: str, check_only: bool = False) -> None:
@@ -537,7 +560,7 @@ def _load_one_peft(adapted, directory: Path, adapter_name, activate, low_cpu_mem
         raise CheckpointError(exc.what, where=str(cfg_path), fix=exc.fix) from None
     load_peft = getattr(spec.checkpoint_hooks, "load_peft", None)
     if load_peft is not None:  # X-LoRA: experts from their own directories, the classifier from here
-        return load_peft(adapted, directory, cfg, name, activate)
+        return load_peft(adapted, directory, cfg, name, activate, remap)
     weights = directory / PEFT_WEIGHTS
     raw = read_tensors(weights)
     _check_finite(raw, str(weights))

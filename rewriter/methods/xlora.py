@@ -163,6 +163,11 @@ def resolve_experts(adapted, config: XLoraConfig) -> list[tuple[str, dict[str, L
     if isinstance(refs, dict):
         return [(label, _read_expert(adapted, label, path)) for label, path in refs.items()]
     if isinstance(refs[0], dict):  # layouts saved with a checkpoint: shapes only, values come from it
+        missing = sorted({site for e in refs for site in e["sites"] if site not in adapted.sites})
+        if missing:
+            raise ConfigError(f"the saved X-LoRA experts adapt modules this model does not have: {missing[:3]}",
+                              field="adapters", fix="load it with remap= (a [remap] table renaming the saved module "
+                                                    "names), or on the model it was saved from")
         lora = get_method("lora")
         return [(e["name"], {site: LoraModule(adapted.sites[site], lora.make_config(params))
                              for site, params in e["sites"].items()}) for e in refs]
@@ -180,10 +185,10 @@ def resolve_experts(adapted, config: XLoraConfig) -> list[tuple[str, dict[str, L
     return out
 
 
-def _read_expert(adapted, label: str, path: str) -> dict[str, LoraModule]:
+def _read_expert(adapted, label: str, path: str, remap=None) -> dict[str, LoraModule]:
     from ..checkpoint import read_adapter_modules
     try:
-        modules = read_adapter_modules(adapted, path)
+        modules = read_adapter_modules(adapted, path, remap)
     except CheckpointError as exc:
         raise ConfigError(f"X-LoRA expert '{label}' ({path}): {exc.what}", field="adapters",
                           fix=exc.fix or "point at a LoRA checkpoint directory") from None
@@ -466,6 +471,20 @@ class XLoraCheckpoint:
         fill_modules({TARGET: module}, tensors, lambda site, key: key, where=f"X-LoRA adapter '{TARGET}'")
 
     @staticmethod
+    def remap(extra, tensors, remap):
+        """Rename the experts' sites in the saved layouts and in the expert tensor keys
+        (``experts.<i>.<site key>.<parameter>``, a site key being its name with "." as "__")."""
+        experts = [{**e, "sites": {remap.apply(site): params for site, params in e["sites"].items()}}
+                   for e in extra["experts"]]
+
+        def key(name: str) -> str:
+            parts = name.split(".")
+            if len(parts) == 4 and parts[0] == "experts":
+                parts[2] = remap.apply(parts[2].replace("__", ".")).replace(".", "__")
+            return ".".join(parts)
+        return {**extra, "experts": experts}, {key(k): v for k, v in tensors.items()}
+
+    @staticmethod
     def config_with_extra(config: XLoraConfig, extra) -> XLoraConfig:
         experts = extra.get("experts") if isinstance(extra, Mapping) else None
         try:
@@ -479,8 +498,8 @@ class XLoraCheckpoint:
         save_peft(adapted, name, directory)
 
     @staticmethod
-    def load_peft(adapted, directory, cfg, name: str, activate):
-        return load_peft(adapted, directory, cfg, name, activate)
+    def load_peft(adapted, directory, cfg, name: str, activate, remap=None):
+        return load_peft(adapted, directory, cfg, name, activate, remap)
 
 
 PEFT_CLASSIFIER = "base_model.internal_xlora_classifier."
@@ -514,10 +533,11 @@ def save_peft(adapted, name: str, directory) -> None:
     atomic_write(directory / PEFT_CONFIG, json.dumps(dict(sorted(config.items())), indent=2).encode())
 
 
-def load_peft(adapted, directory, cfg: Mapping[str, Any], name: str, activate):
+def load_peft(adapted, directory, cfg: Mapping[str, Any], name: str, activate, remap=None):
     """Read a PEFT X-LoRA directory; returns ``(name, install)``.  Experts come from the config's
-    paths, relative ones also tried against the directory, then PEFT's ``<dir>/<key>/`` copies.
-    Classifier keys PEFT 0.21.2 failed to save keep their fresh values, with a warning."""
+    paths, relative ones also tried against the directory, then PEFT's ``<dir>/<key>/`` copies; with a
+    ``remap`` table, they are read renamed.  Classifier keys PEFT 0.21.2 failed to save keep their fresh
+    values, with a warning."""
     from pathlib import Path
     from ..checkpoint import PEFT_WEIGHTS, read_tensors
     from ..rules import Decision, Plan
@@ -528,6 +548,13 @@ def load_peft(adapted, directory, cfg: Mapping[str, Any], name: str, activate):
     if not isinstance(paths, Mapping) or not paths:
         raise CheckpointError("X-LoRA config has no 'adapters' table of expert paths", where=where)
     fields["adapters"] = {key: _expert_path(directory, key, path, where) for key, path in paths.items()}
+    renamed = {}
+    if remap:  # read the experts renamed, then build from their layouts and fill them in below
+        renamed = {key: _read_expert(adapted, key, path, remap) for key, path in fields["adapters"].items()}
+        lora_spec = get_method("lora")
+        fields["adapters"] = [{"name": key, "sites": {site: lora_spec.config_dict(m.config)
+                                                      for site, m in modules.items()}}
+                              for key, modules in renamed.items()]
     spec = get_method("xlora")
     try:
         config = spec.make_config(fields)
@@ -553,6 +580,9 @@ def load_peft(adapted, directory, cfg: Mapping[str, Any], name: str, activate):
     with torch.no_grad():
         for k, v in saved.items():
             state[k].copy_(v)
+        for experts, modules in zip(module.experts, renamed.values()):
+            for site, expert in modules.items():
+                experts[adapted.sites[site].key].load_state_dict(expert.state_dict())
 
     def install():
         adapted.install(name, p, None, {TARGET: module}, activate=activate, method="xlora")

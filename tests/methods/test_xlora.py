@@ -179,6 +179,44 @@ def test_matches_peft_in_bfloat16(setting, traced_models):
         assert (logits(adapted, ids).float() - expected.float()).abs().max().item() > tolerance
 
 
+def test_a_saved_adapter_loads_on_renamed_modules_with_a_remap_table(setting, tmp_path):
+    """The experts' layouts name the model's sites; a [remap] table renames them too."""
+    traced, base, paths, ids = setting
+    peft_model = peft_xlora(base, paths)
+    adapted = ours_like_peft(traced, paths, peft_model)
+    adapted.set_adapter("xl")
+    expected = logits(adapted, ids)
+    adapted.save_adapter(tmp_path / "xl", ["xl"])
+    (manifest,) = (tmp_path / "xl").rglob("rewriter_adapter.json")
+    manifest.write_text(manifest.read_text().replace("model.layers.", "decoder.blocks."))  # "trained elsewhere"
+    fresh = Adapted(traced.clone())
+    with pytest.raises(RewriterError, match="decoder.blocks"):
+        fresh.load_adapter(manifest.parent)
+    fresh.load_adapter(manifest.parent, remap={"decoder.blocks": "model.layers"})
+    assert torch.equal(logits(fresh, ids), expected)
+
+
+def test_a_peft_format_adapter_loads_on_renamed_modules_with_a_remap_table(setting, tmp_path):
+    """PEFT's format keeps the module names in the experts' own checkpoints: the table renames those."""
+    from safetensors.torch import load_file, save_file
+    traced, base, paths, ids = setting
+    peft_model = peft_xlora(base, paths)
+    adapted = ours_like_peft(traced, paths, peft_model)
+    adapted.set_adapter("xl")
+    expected = logits(adapted, ids)
+    adapted.save_adapter(tmp_path / "xl", ["xl"], format="peft")
+    experts = [f for f in (tmp_path / "xl").rglob("adapter_model.safetensors") if f.parent != tmp_path / "xl"]
+    assert experts
+    for weights in experts:  # "trained elsewhere": the experts name decoder.blocks.N
+        save_file({k.replace("model.layers.", "decoder.blocks."): v for k, v in load_file(weights).items()},
+                  str(weights))
+    with pytest.raises(RewriterError, match="(?s)expert '0'.*does not fit.*remap"):
+        Adapted(traced.clone()).load_adapter(tmp_path / "xl")
+    fresh = Adapted(traced.clone())
+    fresh.load_adapter(tmp_path / "xl", remap={"decoder.blocks": "model.layers"})
+    assert torch.equal(logits(fresh, ids), expected)
+
+
 def test_fused_experts_equal_one_expert_at_a_time(setting, monkeypatch):
     """Experts without dropout or bias run as two matmuls for all of them; the same sum as the loop."""
     from rewriter.methods import xlora
