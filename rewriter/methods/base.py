@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from .. import recompute as recompute_module
 from ..errors import ConfigError, RewriterError
 
 
@@ -58,11 +59,9 @@ class AdapterModule(nn.Module):
     def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None, recompute=None):
         """``recompute``: the operands ``(a, b)`` of ``x = a * b``, when the graph knows them; the
         backward then multiplies again instead of keeping ``x`` (see :mod:`rewriter.recompute`)."""
-        if recompute is not None and stage != "bias":
-            from ..recompute import applies, recomputed
-            if applies(x, recompute):
-                with recomputed(x, recompute):
-                    return self._stage(x, y, bias, stage, weight)
+        if recompute is not None and stage != "bias" and recompute_module.applies(x, recompute):
+            with recompute_module.recomputed(x, recompute):
+                return self._stage(x, y, bias, stage, weight)
         return self._stage(x, y, bias, stage, weight)
 
     def _stage(self, x, y, bias, stage: str, weight):

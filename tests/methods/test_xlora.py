@@ -179,14 +179,19 @@ def test_matches_peft_in_bfloat16(setting, traced_models):
         assert (logits(adapted, ids).float() - expected.float()).abs().max().item() > tolerance
 
 
+def saved_like_peft(setting, directory, fmt: str) -> torch.Tensor:
+    """Save an X-LoRA adapter set up like PEFT's in ``fmt``; returns its logits."""
+    traced, base, paths, ids = setting
+    adapted = ours_like_peft(traced, paths, peft_xlora(base, paths))
+    adapted.set_adapter("xl")
+    adapted.save_adapter(directory, ["xl"], format=fmt)
+    return logits(adapted, ids)
+
+
 def test_a_saved_adapter_loads_on_renamed_modules_with_a_remap_table(setting, tmp_path):
     """The experts' layouts name the model's sites; a [remap] table renames them too."""
-    traced, base, paths, ids = setting
-    peft_model = peft_xlora(base, paths)
-    adapted = ours_like_peft(traced, paths, peft_model)
-    adapted.set_adapter("xl")
-    expected = logits(adapted, ids)
-    adapted.save_adapter(tmp_path / "xl", ["xl"])
+    traced, _, _, ids = setting
+    expected = saved_like_peft(setting, tmp_path / "xl", "rewriter")
     (manifest,) = (tmp_path / "xl").rglob("rewriter_adapter.json")
     manifest.write_text(manifest.read_text().replace("model.layers.", "decoder.blocks."))  # "trained elsewhere"
     fresh = Adapted(traced.clone())
@@ -199,12 +204,8 @@ def test_a_saved_adapter_loads_on_renamed_modules_with_a_remap_table(setting, tm
 def test_a_peft_format_adapter_loads_on_renamed_modules_with_a_remap_table(setting, tmp_path):
     """PEFT's format keeps the module names in the experts' own checkpoints: the table renames those."""
     from safetensors.torch import load_file, save_file
-    traced, base, paths, ids = setting
-    peft_model = peft_xlora(base, paths)
-    adapted = ours_like_peft(traced, paths, peft_model)
-    adapted.set_adapter("xl")
-    expected = logits(adapted, ids)
-    adapted.save_adapter(tmp_path / "xl", ["xl"], format="peft")
+    traced, _, _, ids = setting
+    expected = saved_like_peft(setting, tmp_path / "xl", "peft")
     experts = [f for f in (tmp_path / "xl").rglob("adapter_model.safetensors") if f.parent != tmp_path / "xl"]
     assert experts
     for weights in experts:  # "trained elsewhere": the experts name decoder.blocks.N
