@@ -197,12 +197,20 @@ class _SpectralLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_spectrum, None
 
 
+@functools.lru_cache(maxsize=8)
+def _gradient_table(out_features: int, in_features: int, n_frequency: int, seed: int):
+    """Where each learned entry ``(r, k)`` reads the per-token real FFTs, ``(rows, cols, sign)``: the DFT
+    entry f of a real signal of length m is the rfft's entry f, or the conjugate of entry m - f; ``sign``
+    is the imaginary part's sign in ``Re(a b)`` once those conjugations are folded in."""
+    flat = _spectral_locations(out_features * in_features, n_frequency, seed)
+    r, k = flat // in_features, flat % in_features
+    sign = torch.where((r > out_features // 2) == (k > in_features // 2), 1.0, -1.0)
+    return torch.minimum(r, out_features - r), torch.minimum(k, in_features - k), sign
+
+
 def _spectrum_grad(module, tokens_out: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
     out_f, in_f = module.out_features, module.in_features
-    rows, cols = module.indices // in_f, module.indices % in_f
-    # DFT entry f of a real signal of length m: the rfft's entry f, or the conjugate of entry m - f
-    fold_r, fold_c = torch.minimum(rows, out_f - rows), torch.minimum(cols, in_f - cols)
-    sign = torch.where((rows > out_f // 2) == (cols > in_f // 2), 1.0, -1.0).to(tokens_out.dtype)
+    fold_r, fold_c, sign = _gradient_table(out_f, in_f, module.config.n_frequency, module.config.random_loc_seed)
     # per frequency, a contiguous row over tokens: gathering rows is cheap, gathering strided columns is not
     g_hat = torch.view_as_real(torch.fft.rfft(tokens_out.float(), dim=1).t().contiguous())
     x_hat = torch.view_as_real(torch.fft.rfft(tokens_in.float(), dim=1).t().contiguous())
@@ -212,7 +220,7 @@ def _spectrum_grad(module, tokens_out: torch.Tensor, tokens_in: torch.Tensor) ->
     sums = torch.cat([(g_hat[fold_r[i:i + chunk]] * x_hat[fold_c[i:i + chunk]]).sum(1)
                       for i in range(0, len(fold_r), chunk)])
     real, imag = sums.unbind(-1)
-    return (real - sign * imag) * (module.scaling / (out_f * in_f))
+    return (real - sign.to(real.dtype) * imag) * (module.scaling / (out_f * in_f))
 
 
 SPEC = register(MethodSpec(

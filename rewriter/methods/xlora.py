@@ -32,8 +32,7 @@ from ..errors import CheckpointError, ConfigError, RewriterError
 from ..sites import Site, site_operands
 from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_number, check_probability, get_method,
                    register)
-from . import lora
-from .lora import LoraModule, add_into
+from .lora import LoraModule, add_into, up_projection
 
 TARGET = "model"
 
@@ -345,7 +344,7 @@ def _fused_mix(x, y, lam, present, weight):
     per_rank = torch.cat([torch.full((expert.lora_A.shape[0],), expert.scaling * weight, dtype=dtype,
                                      device=x.device) for _, expert in present])
     h = F.linear(x.to(dtype), a) * (lam[..., columns] * per_rank)
-    return add_into(y, lora.up_projection(h, b))
+    return add_into(y, up_projection(h, b))
 
 
 # ---- the rewrite ----------------------------------------------------------------------------
