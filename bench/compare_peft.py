@@ -51,8 +51,8 @@ from torch import nn
 import rewriter
 from rewriter.adapted import Adapted
 from rewriter.peft_config import rules_from_peft_config
-from rewriter.tolerance import output_tolerance
-from rewriter.trace import Traced, trace_model
+from rewriter.core.tolerance import output_tolerance
+from rewriter.core.tracing import Traced, trace_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXPLAIN_RULES = REPO / "rules" / "lora-llama-all-linear.toml"  # every q,k,v,o,gate,up,down projection

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from compare_peft import METHODS, QUICK, STANDARD, Base, base_side, build_model, is_xlora, make_inputs, make_pair, \
     save_xlora_experts
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 
 WARMUP_STEPS = 2
 

@@ -7,8 +7,8 @@ from .adapted import Adapted, apply
 from .errors import (CheckpointError, ConfigError, MergeError, RewriterError, RuleError, TraceError)
 from .methods import METHODS, get_method, load_all as _load_methods
 from .rules import Rule, RuleSet, load_rules, parse_rules, plan, rules_from_dict
-from .sites import Site, find_sites
-from .trace import trace
+from .core.sites import Site, find_sites
+from .core.tracing import trace
 
 _load_methods()
 

@@ -21,11 +21,11 @@ import torch
 from torch import fx, nn
 
 from .errors import ConfigError, MergeError, RewriterError, RuleError
-from .graph import ADAPTERS_ATTR, MERGED_ATTR, MIX_ATTR, StackEntry, build_graph, copy_graph, fold_site, gate_rows
+from .core.graph import ADAPTERS_ATTR, MERGED_ATTR, MIX_ATTR, StackEntry, build_graph, copy_graph, fold_site, gate_rows
 from .methods import AdapterModule, get_method
 from .rules import Plan, RuleSet, load_rules, parse_rules, plan, rules_from_dict
-from .sites import Site, find_sites, normalize
-from .trace import Traced, trace_model
+from .core.sites import Site, find_sites, normalize
+from .core.tracing import Traced, trace_model
 
 #: submodule holding each adapter's own copies of the modules its ``train`` rules name (PEFT's
 #: modules_to_save): ``rewriter_trained.<adapter>.<module key>__<param>``
@@ -46,9 +46,9 @@ class AdapterRecord:
         return next(d for d in self.plan.decisions if d.site == site)
 
     @property
-    def scope(self) -> str:
-        """"site" (adapters at linear sites) or "graph" (the method rewrites the graph itself)."""
-        return get_method(self.method).scope
+    def graph_scope(self):
+        """The method's graph rewrite (None: adapters at linear sites)."""
+        return get_method(self.method).graph_scope
 
 
 def coerce_rules(rules) -> RuleSet:
@@ -147,10 +147,10 @@ class Adapted(nn.Module):
         """What rules of ``method`` match: the linear sites, or a graph-scope method's own targets
         (e.g. Llama-Adapter's attention blocks), by name in graph order."""
         spec = get_method(method)
-        if spec.scope == "site":
+        if spec.graph_scope is None:
             return self.sites
         if method not in self._graph_targets:
-            self._graph_targets[method] = {t.name: t for t in spec.find_targets(self)}
+            self._graph_targets[method] = {t.name: t for t in spec.graph_scope.find_targets(self)}
         return self._graph_targets[method]
 
     def target(self, name: str, method: str):
@@ -203,7 +203,7 @@ class Adapted(nn.Module):
         if missing:
             raise RewriterError(f"adapter '{name}' targets modules this model does not have: {missing[:5]}")
         main = method or (ruleset.method if ruleset is not None else p.decisions[0].method)
-        scopes = {get_method(d.method).scope for d in p.decisions} | {get_method(main).scope}
+        scopes = {get_method(d.method).graph_scope is None for d in p.decisions} | {get_method(main).graph_scope is None}
         if len(scopes) > 1:
             raise ConfigError(f"adapter '{name}' mixes a graph-level method ({main}) with per-layer methods "
                               f"{sorted({d.method for d in p.decisions} - {main})}",
@@ -367,7 +367,7 @@ class Adapted(nn.Module):
             if name in self._merged:
                 continue
             record = self.adapters[name]
-            if record.scope == "graph":
+            if record.graph_scope is not None:
                 continue  # applied by _rewrite_graph
             for d in record.plan.decisions:
                 key = self.sites[d.site].key
@@ -420,13 +420,13 @@ class Adapted(nn.Module):
             return graph
         for name in self._active:
             record = self.adapters[name]
-            if record.scope != "graph" or name in self._merged:
+            if record.graph_scope is None or name in self._merged:
                 continue
             entries = [(self.target(d.site, d.method),
                         StackEntry(f"{ADAPTERS_ATTR}.{name}.{self.target(d.site, d.method).key}",
                                    record.modules[d.site], {"adapter": name, "rule": d.rule, "method": d.method}))
                        for d in record.plan.decisions]
-            graph = get_method(record.method).rewrite(graph, entries, self)
+            graph = record.graph_scope.rewrite(graph, entries, self)
             graph.lint()
         return graph
 
@@ -477,7 +477,7 @@ class Adapted(nn.Module):
         names = list(adapter_names)
         used = tuple(sorted({n for n in names if n != "__base__"}))
         for n in used:
-            if self._require(n).scope == "graph":
+            if self._require(n).graph_scope is not None:
                 raise RewriterError(f"adapter '{n}' ({self.adapters[n].method}) rewrites the graph as a whole, so it "
                                     "cannot be chosen per sample", fix="run its samples in a batch of their own")
         if self._merged:
@@ -822,7 +822,7 @@ def _forget_code(key: str | None) -> None:
 
 def _retarget(graph: fx.Graph, path: str, aliases: list[str], gm: fx.GraphModule) -> fx.Graph:
     """Point non-matmul readers of a tied weight at another alias of the original tensor."""
-    from .sites import site_operands
+    from .core.sites import site_operands
     others = [a for a in aliases if a != path]
     for node in graph.nodes:
         if node.op == "get_attr" and node.target == path:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from . import progress
 from .errors import MergeError
-from .graph import fold_site, run_site
-from .tolerance import matmul_tolerance, output_tolerance
+from .core.graph import fold_site, run_site
+from .core.tolerance import matmul_tolerance, output_tolerance
 
 
 @dataclass

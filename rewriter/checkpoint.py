@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 from .errors import CheckpointError, RewriterError
 from .methods import get_method
 from .rules import Decision, Plan, parse_rules
-from .sites import canonical_name
+from .core.sites import canonical_name
 
 MANIFEST = "rewriter_adapter.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -456,7 +456,7 @@ def _remap_peft_config(cfg: dict, remap, spec, tensors: Mapping[str, torch.Tenso
     for key in ("rank_pattern", "alpha_pattern"):
         if isinstance(cfg.get(key), Mapping):
             cfg[key] = {remap.apply(k): v for k, v in cfg[key].items()}
-    if spec.scope == "site":
+    if spec.graph_scope is None:
         suffixes = ["." + k for k in spec.peft_keys]
         cfg["target_modules"] = sorted({k[:-len(s)] for k in tensors for s in suffixes if k.endswith(s)})
         cfg["layers_to_transform"] = None
@@ -610,7 +610,7 @@ def load_adapter(model_or_adapted, adapter_dir, adapter_name: str | None = None,
     """Load an adapter directory (rewriter's or PEFT's format) onto a model, tracing it when
     needed, or onto an existing ``Adapted``; returns the ``Adapted``."""
     from .adapted import Adapted
-    from .trace import trace_model
+    from .core.tracing import trace_model
     adapted = model_or_adapted if isinstance(model_or_adapted, Adapted) else \
         Adapted(trace_model(model_or_adapted, example_inputs))
     load_adapter_into(adapted, adapter_dir, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, remap=remap)

@@ -37,7 +37,7 @@ def _traced(spec: str, dtype: str | None = None, attn: str | None = None, *, dyn
     from .errors import RewriterError
     from .models import load_model
     from .progress import steps
-    from .trace import trace_model
+    from .core.tracing import trace_model
     with steps(f"model {spec}", ["load", "trace"]) as step:
         step("load")
         model = load_model(spec, dtype=_dtype(dtype))

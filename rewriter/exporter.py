@@ -18,10 +18,10 @@ import torch
 
 from . import progress
 from .errors import RewriterError
-from .graph import ADAPTERS_ATTR, run_site
+from .core.graph import ADAPTERS_ATTR, run_site
 from .methods import get_method
-from .tolerance import matmul_tolerance
-from .trace import _dynamic_spec
+from .core.tolerance import matmul_tolerance
+from .core.tracing import _dynamic_spec
 
 
 def provenance(adapted, merged: bool) -> dict:
@@ -300,7 +300,7 @@ def _misfit(adapted, adapter: str, slot: dict) -> list[str]:
                 for what, keys in found if keys]
     if problems:
         return problems
-    if adapted.adapters[adapter].scope == "graph":
+    if adapted.adapters[adapter].graph_scope is not None:
         return []  # no per-site function to compare: names and shapes are the contract
     gen = torch.Generator().manual_seed(0)
     for site_name, module in adapted.adapters[adapter].modules.items():

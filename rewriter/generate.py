@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import RewriterError, TraceError
 from .methods import get_method
-from .trace import Traced
+from .core.tracing import Traced
 
 GRAPHS_ATTR = "_generation_graphs"  #: where an Adapted keeps its decoding graphs
 KEEP_GRAPHS = 2                     #: decoding graphs kept per Adapted (each holds a whole KV cache)

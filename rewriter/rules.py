@@ -20,7 +20,7 @@ import torch
 
 from .errors import ConfigError, RewriterError, RuleError
 from .methods import get_method
-from .sites import Site
+from .core.sites import Site
 
 SCHEMA = 1
 ACTIONS = ("adapt", "skip", "train")
@@ -271,7 +271,7 @@ def rules_from_dict(data: Mapping[str, Any], *, source: str | None = None, text:
     if not isinstance(raw_rules, list):
         raise RuleError("'rule' must be an array of tables: write each rule as [[rule]]",
                         where=_top_where(source, text, "rule"))
-    if not raw_rules and get_method(method).scope == "graph":  # the method finds its own targets
+    if not raw_rules and get_method(method).graph_scope is not None:  # the method finds its own targets
         return dataclasses.replace(ruleset, rules=(Rule(name="all", match=".*"),))
     if not raw_rules:
         raise RuleError("the rule set has no rules", where=where, fix="add at least one [[rule]] with a match or suffix")
@@ -450,9 +450,9 @@ def _selected(ruleset: RuleSet, chosen: list[tuple], counts: dict[str, int]) -> 
     kept = set()
     for method in dict.fromkeys(m for _, _, m, _ in chosen):
         mine = [(site, config) for site, _, m, config in chosen if m == method]
-        select = get_method(method).select
+        scope = get_method(method).graph_scope
         try:
-            kept.update(s.name for s in (select(mine) if select is not None else [s for s, _ in mine]))
+            kept.update(s.name for s in (scope.select(mine) if scope is not None else [s for s, _ in mine]))
         except ConfigError as exc:
             rule = next(r for _, r, m, _ in chosen if m == method)
             raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None

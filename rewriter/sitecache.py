@@ -43,13 +43,13 @@ class SiteTable:
 
     def targets(self, method: str) -> dict[str, Any]:
         from .methods import get_method
-        if get_method(method).scope == "site":
+        if get_method(method).graph_scope is None:
             return self.sites
         return self.graph_targets[method]
 
     def has(self, method: str) -> bool:
         from .methods import get_method
-        return get_method(method).scope == "site" or method in self.graph_targets
+        return get_method(method).graph_scope is None or method in self.graph_targets
 
     def module_names(self) -> list[str]:
         return self.modules

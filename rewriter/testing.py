@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .graph import fold_site, run_site
-from .sites import Site
-from .tolerance import matmul_tolerance
+from .core.graph import fold_site, run_site
+from .core.sites import Site
+from .core.tolerance import matmul_tolerance
 
 
 def make_site(in_features: int, out_features: int, *, dtype: torch.dtype = torch.float32, name: str = "layer",
@@ -79,7 +79,7 @@ def assert_lock_holds(lock_path, adapted=None):
     from .adapted import Adapted
     from .lock import check_lock, read_lock
     from .models import load_model
-    from .trace import trace_model
+    from .core.tracing import trace_model
     lock = read_lock(lock_path)
     if adapted is None:
         dtype = getattr(torch, lock.dtype) if lock.dtype else None

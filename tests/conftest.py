@@ -25,7 +25,7 @@ atexit.register(shutil.rmtree, os.environ["REWRITER_CACHE_DIR"], ignore_errors=T
 def traced_models():
     """Whole-model traces, built once per session and cloned per use (``traced(name)``)."""
     from rewriter.models import load_model
-    from rewriter.trace import trace_model
+    from rewriter.core.tracing import trace_model
 
     cache = {}
 

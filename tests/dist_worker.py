@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_graphs, when run as a script
 import rewriter  # noqa: E402
 from rewriter import checkpoint  # noqa: E402
-from rewriter.graph import ADAPTERS_ATTR  # noqa: E402
+from rewriter.core.graph import ADAPTERS_ATTR  # noqa: E402
 from tiny_graphs import mlp  # noqa: E402
 
 RULES = '[adapter]\nr = 4\nalpha = 8\ninit = false\n[[rule]]\nname = "mlp"\nsuffix = ["up", "down"]\n'

@@ -6,7 +6,7 @@ import torch
 
 import rewriter
 from rewriter import MergeError, RewriterError
-from rewriter.graph import ADAPTERS_ATTR
+from rewriter.core.graph import ADAPTERS_ATTR
 
 QV = '[adapter]\nr = 4\nalpha = 8\ninit = false\n[[rule]]\nname = "qv"\nsuffix = ["q_proj", "v_proj"]\n'
 MLP = '[adapter]\nname = "mlp"\nr = 2\ninit = false\n[[rule]]\nname = "mlp"\nsuffix = ["up_proj", "q_proj"]\n'

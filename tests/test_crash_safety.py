@@ -17,7 +17,7 @@ import torch
 
 import rewriter
 from rewriter import checkpoint
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 from tiny_graphs import mlp
 
 SMALL = '[adapter]\nr = 4\ninit = false\n[[rule]]\nname = "all"\nsuffix = ["up", "down"]\n'

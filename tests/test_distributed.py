@@ -15,8 +15,8 @@ import torch
 
 import dist_worker
 import rewriter
-from rewriter.tolerance import ROUNDINGS, unit_roundoff
-from rewriter.trace import trace_model
+from rewriter.core.tolerance import ROUNDINGS, unit_roundoff
+from rewriter.core.tracing import trace_model
 from tiny_graphs import mlp
 
 STEPS = 8

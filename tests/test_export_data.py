@@ -15,8 +15,8 @@ from rewriter.adapted import Adapted
 from rewriter.check import perturb
 from rewriter.exporter import SLOT_CONTRACT, read_provenance
 from rewriter.models import TinyMLP
-from rewriter.tolerance import output_tolerance
-from rewriter.trace import trace_model
+from rewriter.core.tolerance import output_tolerance
+from rewriter.core.tracing import trace_model
 
 LORA = '[adapter]\nname = "{name}"\nr = {r}\n[[rule]]\nname = "attention-qv"\nsuffix = ["q_proj", "v_proj"]\n'
 
@@ -190,7 +190,7 @@ def test_onnx_failure_names_the_op_and_the_fix(tmp_path):
 
 def test_export_can_retrace_with_eager_attention(monkeypatch):
     """The fix the ONNX error gives for T5-style sdpa failures, from the CLI."""
-    monkeypatch.setattr(importlib.import_module("rewriter.trace"), "trace_model", lambda model, **_: model)  # no tracing
+    monkeypatch.setattr(importlib.import_module("rewriter.core.tracing"), "trace_model", lambda model, **_: model)  # no tracing
     assert cli._traced("builtin:tiny-t5", None, "eager").config._attn_implementation == "eager"
     with pytest.raises(rewriter.RewriterError, match="applies to Hugging Face models, not TinyMLP"):
         cli._traced("builtin:tiny-mlp", None, "eager")

@@ -27,7 +27,7 @@ from rewriter.adapted import Adapted
 from rewriter.cli import main
 from rewriter.methods import get_method
 from rewriter.rules import _RULE_KEYS
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 from tiny_graphs import mlp
 
 MODEL = "tiny_graphs:mlp"  # a symbolic trace: the CLI loads it in milliseconds

@@ -10,9 +10,9 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import rewriter
 from rewriter import RewriterError
 from rewriter.generate import GRAPHS_ATTR, keep_top_k, keep_top_p
-from rewriter.graph import fold_site
+from rewriter.core.graph import fold_site
 from rewriter.models import TinyMLP
-from rewriter.trace import Traced
+from rewriter.core.tracing import Traced
 
 QV = '[adapter]\nr = 4\nalpha = 8\ninit = false\n[[rule]]\nname = "qv"\nsuffix = ["q_proj", "v_proj"]\n'
 MLP = '[adapter]\nr = 2\ninit = false\n[[rule]]\nname = "mlp"\nsuffix = ["up_proj", "q_proj"]\n'

@@ -13,7 +13,7 @@ from rewriter.adapted import Adapted
 from rewriter.lock import check_lock, make_lock, read_lock, stack_rules, write_lock
 from rewriter.methods import METHODS
 from rewriter.rules import load_rules
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = (ROOT / "rules" / "lora-llama-attention.toml").read_text()

@@ -19,8 +19,8 @@ import torch
 import rewriter
 from rewriter import MergeError
 from rewriter.check import perturb
-from rewriter.graph import ADAPTERS_ATTR
-from rewriter.trace import trace_model
+from rewriter.core.graph import ADAPTERS_ATTR
+from rewriter.core.tracing import trace_model
 from tiny_graphs import mlp
 
 #: every mergeable method, bottom to top (MiSS "bat" reads the layer weight, so it goes lowest)

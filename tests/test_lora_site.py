@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from rewriter import ConfigError, get_method
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.testing import make_site, site_merge_error
 
 LORA = get_method("lora")

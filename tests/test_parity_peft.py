@@ -7,7 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import rewriter
 from rewriter.models import load_model
-from rewriter.tolerance import output_tolerance
+from rewriter.core.tolerance import output_tolerance
 
 CASES = {  # model -> (PEFT target_modules, extra config)
     "tiny-llama": (["q_proj", "v_proj", "down_proj"], {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"v_proj": 4}}),

@@ -12,7 +12,7 @@ from rewriter import plan
 from rewriter.errors import RuleError
 from rewriter.peft_config import rules_from_peft_config, to_toml
 from rewriter.rules import layer_of, parse_rules
-from rewriter.sites import Site
+from rewriter.core.sites import Site
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "proj", "fc1"]
 names = st.builds(

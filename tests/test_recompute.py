@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rewriter
-from rewriter import recompute
+from rewriter.core import recompute
 from rewriter.methods import get_method
 from rewriter.testing import make_site
 

@@ -8,7 +8,7 @@ from rewriter.check import perturb
 from rewriter.errors import CheckpointError, RuleError
 from rewriter.adapted import Adapted
 from rewriter.rules import Remap, parse_rules, read_remap
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 
 RULES = """
 [adapter]

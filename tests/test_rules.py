@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 from rewriter import RuleError, parse_rules, plan
 from rewriter.rules import Rule, layer_of
-from rewriter.sites import Site
+from rewriter.core.sites import Site
 
 import torch
 

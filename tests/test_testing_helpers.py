@@ -13,7 +13,7 @@ from rewriter.check import perturb
 from rewriter.lock import make_lock, stack_rules, write_lock
 from rewriter.rules import load_rules
 from rewriter.testing import assert_lock_holds, assert_merge_equivalent, model_inputs
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 
 pytest_plugins = ["pytester"]
 

@@ -7,8 +7,8 @@ from torch import fx
 
 import rewriter
 from rewriter.models import BUILTINS, TinyMLP, load_model
-from rewriter.sites import find_sites
-from rewriter.trace import trace_model
+from rewriter.core.sites import find_sites
+from rewriter.core.tracing import trace_model
 
 EXPECTED_SITES = {"tiny-llama": 15, "tiny-mistral": 15, "tiny-qwen2": 15, "tiny-gemma": 15, "tiny-phi3": 9,
                   "tiny-gpt2": 9, "tiny-opt": 13, "tiny-bert": 14, "tiny-roberta": 14, "tiny-t5": 33}
@@ -79,7 +79,7 @@ def test_bad_model_gives_a_trace_error():
 def test_attention_shares_one_float_mask_with_bitwise_equal_results(name, monkeypatch):
     """The boolean mask becomes one additive float mask for every attention call: sdpa then keeps one
     copy for the backward instead of one per layer, and the logits do not change by a bit."""
-    trace_module = sys.modules["rewriter.trace"]  # the package's `trace` attribute is the function
+    trace_module = sys.modules["rewriter.core.tracing"]  # the package's `trace` attribute is the function
     model = load_model(f"builtin:{name}")
     shared = trace_model(model)
     monkeypatch.setattr(trace_module, "share_float_attention_masks", lambda gm: None)

@@ -10,9 +10,9 @@ import torch
 
 import rewriter
 from rewriter.checkpoint import MANIFEST
-from rewriter.graph import ADAPTERS_ATTR
+from rewriter.core.graph import ADAPTERS_ATTR
 from rewriter.models import load_model
-from rewriter.trace import trace_model
+from rewriter.core.tracing import trace_model
 from rewriter.training import RewriterCallback, prepare_for_trainer
 
 QV = '[adapter]\nr = 4\nalpha = 8\n[[rule]]\nname = "qv"\nsuffix = ["q_proj", "v_proj"]\n'

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import rewriter
 from rewriter import RewriterError, TraceError
 from rewriter.models import TinyMLP, load_model
-from rewriter.tolerance import output_tolerance
-from rewriter.trace import example_inputs_for, trace_model
+from rewriter.core.tolerance import output_tolerance
+from rewriter.core.tracing import example_inputs_for, trace_model
 from rewriter.training import (SEGMENTS_ATTR, CheckpointConfig, apply_activation_checkpointing, checkpoint_layers,
                                disable_gradient_checkpointing, enable_gradient_checkpointing, is_checkpointed,
                                with_regularization)

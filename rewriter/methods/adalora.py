@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, RewriterError
-from .base import (AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_number,
-                   check_probability, register, round_like_base)
+from ..core.adapter import AdapterModule
+from .base import MethodSpec, SavedStateHooks
+from .checks import check_bool, check_choice, check_int, check_number, check_probability, round_like_base
+from .registry import register
 from .lora import add_into, up_projection
 
 #: LoraConfig fields that PEFT's AdaLoRA layers never read; accepted from PEFT configs
@@ -366,22 +368,19 @@ class RankAllocator:
             "not allocated as configured", stacklevel=2)
 
 
-class PrunedCheckpoint:
+class PrunedCheckpoint(SavedStateHooks):
     """Checkpoint hooks: AdaLoRA saves only the ranks its allocator kept, as PEFT does, with the
     mask per site in PEFT's ``rank_pattern`` (key ``<site>.lora_E``)."""
     peft_field = "rank_pattern"
 
-    @staticmethod
-    def peft_key(site: str) -> str:
+    def peft_key(self, site: str) -> str:
         return f"{site}.lora_E"
 
-    @staticmethod
-    def save(module: AdaLoraModule, controller, site: str):
-        mask = controller.rank_pattern().get(site) if controller is not None else None
+    def save(self, module: AdaLoraModule, controller, site: str):
+        mask = controller.rank_pattern().get(site) if isinstance(controller, RankAllocator) else None
         return peft_state(module, mask)
 
-    @staticmethod
-    def load(module: AdaLoraModule, tensors: Mapping[str, torch.Tensor], mask) -> None:
+    def load(self, module: AdaLoraModule, tensors: Mapping[str, torch.Tensor], mask) -> None:
         module.load_pruned_state(tensors, mask)
 
 
@@ -395,5 +394,5 @@ SPEC = register(MethodSpec(
     ignored_peft_fields=_UNUSED_LORA_FIELDS,
     summary="LoRA in SVD form with an importance-driven rank budget (Zhang et al. 2023)",
     controller=RankAllocator,
-    checkpoint_hooks=PrunedCheckpoint,
+    checkpoint_hooks=PrunedCheckpoint(),
 ))

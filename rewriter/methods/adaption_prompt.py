@@ -49,8 +49,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ConfigError
-from ..sites import canonical_name
-from .base import AdapterModule, MethodSpec, check_bool, check_int, register, round_like_base
+from ..core.sites import canonical_name
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_bool, check_int, round_like_base
+from .registry import register
 
 aten = torch.ops.aten
 _ATTENTION = {aten.scaled_dot_product_attention.default}
@@ -448,15 +451,19 @@ def _between(source: fx.Node, result: fx.Node) -> list[fx.Node]:
     return [n for n, on in reaches.items() if on and n is not source]
 
 
+class AttentionBlocks:
+    """The graph scope: targets are attention blocks; the rewrite inserts the prompt attention."""
+    find_targets = staticmethod(find_targets)
+    select = staticmethod(select)
+    rewrite = staticmethod(rewrite)
+
+
 SPEC = register(MethodSpec(
     name="adaption_prompt",
     config_cls=AdaptionPromptConfig,
     module_cls=AdaptionPromptModule,
     peft_type="ADAPTION_PROMPT",
     peft_keys={"adaption_prompt": "adaption_prompt", "adaption_gate": "adaption_gate"},
-    scope="graph",
-    find_targets=find_targets,
-    select=select,
-    rewrite=rewrite,
+    scope=AttentionBlocks(),
     summary="Llama-Adapter: gated learned prompt tokens attended to by the top attention layers (Zhang et al. 2023)",
 ))

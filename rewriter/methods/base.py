@@ -1,112 +1,173 @@
-"""The method contract and the registry.
+"""What a method is: a :class:`MethodSpec` (config dataclass, module class, PEFT names) and the
+typed hooks a method may add.
 
-A method is one file under ``rewriter/methods/`` that registers a :class:`MethodSpec`:
-a frozen config dataclass and an :class:`AdapterModule` subclass.  The graph rewriter
-only knows the contract below, so a new method never touches the core.
-
-An adapter at a site is a function on the site's effective weight, ``(W, b) -> (W', b')``
-(``fold``).  Stacked adapters compose bottom to top, so the stacked layer computes
-``W_eff = f_n(...f_1(W))``.  The unmerged forward computes the same thing without
-materialising ``W_eff`` through two optional hooks:
-
-* ``pre(x)``: the layer input transform of this level (rotation, input scaling);
-* ``post(x, y, bias)``: turns the output of the levels below into this level's output
-  (``y + delta(x)`` for additive methods, ``l * y`` for output scaling).
-
-Merging folds a prefix of the stack into the weight; that is exact because the forward
-and the fold describe the same function.
+A method is one file (or one package) under ``rewriter/methods/`` that registers a
+:class:`MethodSpec`; the per-site math lives in :class:`rewriter.core.adapter.AdapterModule`.
+The engine and the features above it only use what is declared here, so a new method never
+touches them.  Every hook is a :class:`typing.Protocol`: a method passes any object with those
+members, and the defaults in :class:`SavedStateHooks` cover the optional ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .. import recompute as recompute_module
-from ..errors import ConfigError, RewriterError
+from ..core.adapter import AdapterModule
+from ..core.sites import Site
+from ..errors import ConfigError
 
 
-class AdapterModule(nn.Module):
-    """One adapter at one site.  Weights are always in ``[out, in]`` layout here."""
+# ---- what graph-scope methods see of the model ---------------------------------------------------
 
-    #: ``post`` is ``y + delta(x)`` with a delta that does not depend on W: such
-    #: adapters commute with each other, so any subset of them can be merged.
-    additive: ClassVar[bool] = True
-    has_pre: ClassVar[bool] = False
-    has_post: ClassVar[bool] = True
-    #: ``post`` also needs the site's current weight (``[out, in]`` layout), passed as
-    #: ``weight=``; such an adapter must be the lowest unmerged adapter on its site
-    needs_weight: ClassVar[bool] = False
-    #: ``post`` ignores ``y`` (it recomputes the layer itself, e.g. MiSS-bat): when such an adapter is
-    #: the lowest unmerged one, the base matmul is not computed at all (``post`` gets ``y=None``)
-    replaces_base: ClassVar[bool] = False
-    #: ``post`` uses ``bias``: it then gets the bias as the levels below left it (see ``fold_bias``)
-    reads_bias: ClassVar[bool] = False
-    #: why this method cannot be folded into the weight (None: it can)
-    not_mergeable: ClassVar[str | None] = None
+class Target(Protocol):
+    """What a rule matches and an adapter module is built for: a :class:`Site`, or a graph-scope
+    method's own target (an attention block, the whole model)."""
+    name: str                  #: what rules match
+    key: str                   #: attribute-safe name for inserted submodules
+    weight: str                #: path of a parameter whose device and dtype the adapter follows
+    bias: str | None
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
 
-    def __init__(self, site, config):
-        super().__init__()
-        self.site_name = site.name
-        self.in_features = site.in_features
-        self.out_features = site.out_features
-        self.config = config
 
-    def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None, recompute=None):
-        """``recompute``: the operands ``(a, b)`` of ``x = a * b``, when the graph knows them; the
-        backward then multiplies again instead of keeping ``x`` (see :mod:`rewriter.recompute`)."""
-        if recompute is not None and stage != "bias" and recompute_module.applies(x, recompute):
-            with recompute_module.recomputed(x, recompute):
-                return self._stage(x, y, bias, stage, weight)
-        return self._stage(x, y, bias, stage, weight)
+class AdapterView(Protocol):
+    """One installed adapter, as methods see it."""
+    name: str
+    method: str
+    modules: dict[str, AdapterModule]
 
-    def _stage(self, x, y, bias, stage: str, weight):
-        if stage == "pre":
-            return self.pre(x)
-        if stage == "bias":
-            return self.fold_bias(x)
-        if self.needs_weight:
-            return self.post(x, y, bias, weight=weight)
-        return self.post(x, y, bias)
 
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def post(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return y
-
-    def fold_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """The bias part of ``fold`` (identity unless the method changes the bias); used to hand
-        ``reads_bias`` adapters above this one the bias as this level leaves it."""
-        return bias
-
-    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """Return ``(W', b')`` in float32 for float32 ``weight [out, in]`` and ``bias [out]``."""
-        raise NotImplementedError
-
-    def init_buffers(self) -> None:
-        """Recompute non-persistent buffers (index tables and the like).  Called after the module
-        was materialised from the meta device (``low_cpu_mem_usage`` loads)."""
+class ModelView(Protocol):
+    """The adapted model as graph-scope methods and their checkpoint layouts see it (the engine,
+    :class:`rewriter.adapters.AdaptedModel`, satisfies it)."""
+    gm: fx.GraphModule
+    sites: dict[str, Site]
 
     @property
-    def adapter_dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            return p.dtype
-        return torch.float32
+    def base_graph(self) -> fx.Graph: ...
+    @property
+    def source_model(self) -> nn.Module | None: ...
+    @property
+    def adapters(self) -> Mapping[str, Any]: ...
+    @property
+    def active_adapters(self) -> list[str]: ...
+    @property
+    def merged(self) -> list[str]: ...
+    def refresh(self) -> None: ...
+    def build_modules(self, p: Any, *, device: Any = None) -> dict[str, AdapterModule]: ...
+    def install(self, name: str, p: Any, ruleset: Any, modules: dict[str, AdapterModule], *,
+                activate: bool | None = None, method: str | None = None) -> Any: ...
+    def read_adapter_modules(self, directory: str | Path, remap: Any = None) -> dict[str, AdapterModule]: ...
 
-    def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}"
+
+# ---- hooks ------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Controller(Protocol):
+    """A per-adapter training controller (AdaLoRA's rank allocator)."""
+
+    def update_and_allocate(self, step: int) -> Any:
+        """Run after every optimizer step, before the gradients are zeroed."""
+
+    def regularization(self) -> torch.Tensor:
+        """A term added to the model's loss (0-d tensor)."""
+
+
+class ControllerFactory(Protocol):
+    def __call__(self, modules: Mapping[str, AdapterModule], config: Any) -> Controller: ...
+
+
+class CheckpointHooks(Protocol):
+    """How a method's sites are saved when their tensors are not simply the module's state.
+    ``extra`` is JSON data kept per site: in rewriter's manifest, and in PEFT's config under
+    ``peft_field`` with key ``peft_key(site)``."""
+    peft_field: str | None
+
+    def save(self, module: AdapterModule, controller: Controller | None, site: str) \
+        -> tuple[dict[str, torch.Tensor], Any]: ...
+    def load(self, module: AdapterModule, tensors: Mapping[str, torch.Tensor], extra: Any) -> None: ...
+    def peft_key(self, site: str) -> str: ...
+    def remap(self, extra: Any, tensors: dict[str, torch.Tensor], remap: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """``extra`` and ``tensors`` with the module names kept inside them renamed."""
+    def config_with_extra(self, config: Any, extra: Any) -> Any:
+        """The config a module is built from, once the saved ``extra`` is known."""
+
+
+class SavedStateHooks:
+    """Defaults for :class:`CheckpointHooks`: subclass and override what differs."""
+    peft_field: str | None = None
+
+    def save(self, module, controller, site):
+        return dict(module.state_dict()), None
+
+    def load(self, module, tensors, extra) -> None:
+        module.load_state_dict(dict(tensors))
+
+    def peft_key(self, site: str) -> str:
+        return site
+
+    def remap(self, extra, tensors, remap):
+        return extra, tensors
+
+    def config_with_extra(self, config, extra):
+        return config
+
+
+class Staged(Protocol):
+    """A read and validated adapter; calling it installs it."""
+    modules: dict[str, AdapterModule]
+
+    def __call__(self) -> None: ...
+
+
+class PeftLayout(Protocol):
+    """A method whose PEFT checkpoint is laid out unlike one weights file plus one config
+    (X-LoRA: a config, the classifier, and one sub-directory per expert)."""
+    #: the method's adapter directory holds sub-directories that are parts of it, not adapters
+    owns_subdirectories: bool
+
+    def save(self, model: ModelView, name: str, directory: Path) -> None: ...
+    def load(self, model: ModelView, directory: Path, config: Mapping[str, Any], name: str,
+             activate: bool | None, remap: Any) -> Staged: ...
+
+
+@dataclass(frozen=True)
+class SiteScope:
+    """The method adapts the linear sites its rules select."""
+
+
+class GraphScope(Protocol):
+    """The method finds its own targets in the graph and rewrites the live graph itself
+    (Llama-Adapter: attention blocks; X-LoRA: the whole model).  Rules match target names."""
+
+    def find_targets(self, model: ModelView) -> Sequence[Target]:
+        """Candidate targets in graph order; ConfigError naming the layer when there are none."""
+    def select(self, chosen: Sequence[tuple[Target, Any]]) -> list[Target]:
+        """The targets the method keeps of ``[(target, config)]`` its rules matched."""
+    def rewrite(self, graph: fx.Graph, entries: Sequence[tuple[Target, Any]], model: ModelView) -> fx.Graph:
+        """The live graph with one active adapter applied; ``entries`` = [(target, StackEntry)]."""
+
+
+SITE = SiteScope()
+
+#: ``combine(adapters: [{site: module}], weights, **options) -> {site: (config, {param: tensor})}``
+Combine = Callable[..., Mapping[str, tuple[Any, Mapping[str, torch.Tensor]]]]
+#: ``(peft_config, tensors) -> peft_config``, run before a PEFT checkpoint is planned
+PeftConfigFixup = Callable[[dict, Mapping[str, torch.Tensor]], dict]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str                      #: the name used in rule files (``method = "lora"``)
     config_cls: type               #: frozen dataclass of the method's parameters
-    module_cls: type               #: AdapterModule subclass, built as ``module_cls(site, config)``
+    module_cls: type               #: AdapterModule subclass, built as ``module_cls(target, config)``
     peft_type: str | None = None   #: PEFT's ``peft_type`` for checkpoint interop
     #: PEFT state-dict key suffix -> our parameter name inside the module
     peft_keys: Mapping[str, str] = field(default_factory=dict)
@@ -118,46 +179,31 @@ class MethodSpec:
     #: e.g. {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
     peft_site_fields: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
-    #: optional per-adapter training controller, built as ``controller(modules, config)``
-    #: with ``modules`` = {site name: AdapterModule}; it may define ``update_and_allocate(step)``
-    #: (called by ``Adapted.update_and_allocate``) and ``regularization() -> Tensor``
-    #: (added by ``Adapted.regularization_loss``), e.g. AdaLoRA's rank allocator
-    controller: Any = None
-    #: optional checkpoint hooks for methods whose saved tensors differ from the module's state:
-    #: ``save(module, controller, site) -> (tensors, extra | None)`` and ``load(module, tensors, extra)``;
-    #: ``extra`` is stored per site in the manifest, and in PEFT configs under ``peft_field`` with
-    #: key ``peft_key(site)`` (AdaLoRA's pruned ranks)
-    checkpoint_hooks: Any = None
-    #: optional weighted combination (``add_weighted_adapter``):
-    #: ``combine(adapters: [{site: module}], weights, **options) -> {site: (config, {param: tensor})}``
-    combine: Any = None
-    #: optional ``(peft_config, tensors) -> peft_config`` run before a PEFT checkpoint is planned,
-    #: for configs that do not say what PEFT really trained (BOFT's CUDA fallback)
-    peft_config_fixup: Any = None
-    #: "site": the method adapts the linear sites that rules select.  "graph": the method finds its
-    #: own targets in the graph and rewrites the live graph itself (Llama-Adapter: attention blocks;
-    #: X-LoRA: the whole model).  Rules then match target names instead of site names.
-    scope: str = "site"
-    #: scope "graph": ``find_targets(adapted) -> list[target]``, candidate targets in graph order.  A
-    #: target is Site-like: ``name`` (what rules match), ``key`` (attribute-safe), ``weight`` (path of a
-    #: parameter whose device and dtype the adapter follows), ``in_features``, ``out_features``,
-    #: ``bias``, ``dtype``.  Raise ConfigError naming the layer when the graph has no such pattern.
-    find_targets: Any = None
-    #: scope "graph": ``rewrite(graph, entries, adapted) -> fx.Graph`` applied to the live graph after
-    #: the site adapters were inserted; ``entries`` = [(target, StackEntry)] of one active adapter
-    rewrite: Any = None
-    #: scope "graph", optional: ``select([(target, config), ...]) -> [target, ...]``, the targets the
-    #: method keeps of those its rules matched, when its config chooses among them (Llama-Adapter: the
-    #: top ``adapter_layers`` blocks).  Raise ConfigError (with ``field``) when the config cannot be met.
-    select: Any = None
-    #: why ``Adapted.generate`` cannot decode with this method (None: it can).  Site methods and
-    #: graph methods whose rewrite applies to the decoding graph as found there (Llama-Adapter) can.
+    #: per-adapter training controller (AdaLoRA's rank allocator), run by ``update_and_allocate``
+    #: and ``regularization_loss``
+    controller: ControllerFactory | None = None
+    #: saved tensors that differ from the module's state (AdaLoRA's pruned ranks)
+    checkpoint_hooks: CheckpointHooks | None = None
+    #: a PEFT checkpoint layout of the method's own (X-LoRA)
+    peft_layout: PeftLayout | None = None
+    #: weighted combination (``add_weighted_adapter``)
+    combine: Combine | None = None
+    #: for PEFT configs that do not say what PEFT really trained (BOFT's CUDA fallback)
+    peft_config_fixup: PeftConfigFixup | None = None
+    #: :data:`SITE`, or the method's :class:`GraphScope`
+    scope: SiteScope | GraphScope = SITE
+    #: why ``Adapted.generate`` cannot decode with this method (None: it can)
     cannot_generate: str | None = None
+
+    @property
+    def graph_scope(self) -> GraphScope | None:
+        """The method's graph rewrite, or None for a per-site method."""
+        return None if isinstance(self.scope, SiteScope) else self.scope
 
     def field_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]
 
-    def make_config(self, params: Mapping[str, Any]):
+    def make_config(self, params: Mapping[str, Any]) -> Any:
         """Build the config from rule-file parameters, resolving aliases; unknown keys raise."""
         fields = set(self.field_names())
         values: dict[str, Any] = {}
@@ -182,66 +228,5 @@ class MethodSpec:
         except TypeError as exc:  # wrong type caught by dataclass machinery
             raise ConfigError(str(exc)) from exc
 
-    def config_dict(self, config) -> dict[str, Any]:
+    def config_dict(self, config: Any) -> dict[str, Any]:
         return dataclasses.asdict(config)
-
-
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register(spec: MethodSpec) -> MethodSpec:
-    if spec.name in METHODS and METHODS[spec.name] is not spec:
-        raise RuntimeError(f"method '{spec.name}' registered twice")
-    METHODS[spec.name] = spec
-    return spec
-
-
-def get_method(name: str) -> MethodSpec:
-    from . import load_all
-
-    load_all()
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        raise RewriterError(
-            f"unknown method '{name}'",
-            fix=(f"did you mean '{close[0]}'? " if close else "") + f"available: {', '.join(sorted(METHODS))}",
-        )
-    return METHODS[name]
-
-
-# ---- small validation helpers shared by method configs -------------------------------------
-
-def check_int(name: str, value, *, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"'{name}' must be an integer, got {value!r}", field=name)
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"'{name}' must be >= {minimum}, got {value}", field=name)
-
-
-def check_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"'{name}' must be a number, got {value!r}", field=name)
-
-
-def check_probability(name: str, value) -> None:
-    check_number(name, value)
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"'{name}' must be in [0, 1), got {value}", field=name)
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"'{name}' must be one of {list(choices)}, got {value!r}", field=name)
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"'{name}' must be true or false, got {value!r}", field=name)
-
-
-def round_like_base(t: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:
-    """PEFT creates adapter weights in the base dtype and then upcasts them to float32;
-    doing the same rounding keeps initial values identical on low-precision bases."""
-    if base_dtype.is_floating_point and base_dtype != t.dtype:
-        return t.to(base_dtype).to(t.dtype)
-    return t

@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_probability, register,
-                   round_like_base)
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_bool, check_choice, check_int, check_probability, round_like_base
+from .registry import register
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (AdapterModule, MethodSpec, check_bool, check_choice, check_int, check_number, register,
-                   round_like_base)
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_bool, check_choice, check_int, check_number, round_like_base
+from .registry import register
 from .lora import add_into
 
 #: the seed range ``torch.Generator.manual_seed`` accepts

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AdapterModule, MethodSpec, check_bool, register, round_like_base
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_bool, round_like_base
+from .registry import register
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_number, check_probability, register,
-                   round_like_base)
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_bool, check_int, check_number, check_probability, round_like_base
+from .registry import register
 from .lora import up_projection
 
 

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MethodSpec, check_bool, check_int, register, round_like_base
+from .base import MethodSpec
+from .checks import check_bool, check_int, round_like_base
+from .registry import register
 from .loha import LycorisConfig, LycorisModule
 
 

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (AdapterModule, MethodSpec, check_choice, check_int, check_probability, register,
-                   round_like_base)
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_choice, check_int, check_probability, round_like_base
+from .registry import register
 from .lora import add_into
 
 

@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import CheckpointError, ConfigError, RewriterError
-from ..sites import Site, site_operands
-from .base import (AdapterModule, MethodSpec, check_bool, check_int, check_number, check_probability, get_method,
-                   register)
+from ..core.sites import Site, site_operands
+from ..core.adapter import AdapterModule
+from .base import MethodSpec
+from .checks import check_bool, check_int, check_number, check_probability
+from .registry import get_method, register
 from .lora import LoraModule, add_into, up_projection
 
 TARGET = "model"
@@ -598,14 +600,22 @@ def _expert_path(directory, key: str, path: str, where: str) -> str:
                               "are incomplete, so use the original expert directories")
 
 
+class WholeModel:
+    """The graph scope: one target, the whole model; the rewrite adds the scaling pass and the mixture."""
+    find_targets = staticmethod(find_targets)
+    rewrite = staticmethod(rewrite)
+
+    @staticmethod
+    def select(chosen):
+        return [target for target, _ in chosen]
+
+
 SPEC = register(MethodSpec(
     name="xlora",
     config_cls=XLoraConfig,
     module_cls=XLoraModule,
     peft_type="XLORA",
-    scope="graph",
-    find_targets=find_targets,
-    rewrite=rewrite,
+    scope=WholeModel(),
     checkpoint_hooks=XLoraCheckpoint(),
     summary="mixture of LoRA experts, weighted per token and layer by a classifier (Buehler & Buehler 2024)",
     cannot_generate="X-LoRA's scaling pass runs the whole model a second time, which the static-KV-cache decoding "

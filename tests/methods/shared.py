@@ -19,11 +19,11 @@ from transformers.pytorch_utils import Conv1D
 
 import rewriter
 from rewriter.errors import ConfigError
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.models import BUILTINS
 from rewriter.testing import make_site, site_merge_error
-from rewriter.tolerance import ROUNDINGS, matmul_tolerance, output_tolerance, unit_roundoff
+from rewriter.core.tolerance import ROUNDINGS, matmul_tolerance, output_tolerance, unit_roundoff
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

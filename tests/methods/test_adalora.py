@@ -14,12 +14,12 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from rewriter.errors import CheckpointError, ConfigError, RewriterError
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.methods.adalora import (SPEC, AdaLoraConfig, AdaLoraModule, RankAllocator, peft_state,
                                       prune_state)
 from rewriter.methods.lora import LoraConfig, LoraModule
 from rewriter.testing import make_site
-from rewriter.tolerance import matmul_tolerance, output_tolerance, unit_roundoff
+from rewriter.core.tolerance import matmul_tolerance, output_tolerance, unit_roundoff
 from shared import DTYPES, Decoder, config_error, config_from_peft, max_error, peft_layer_state, targets
 
 PEFT_DTYPES = DTYPES

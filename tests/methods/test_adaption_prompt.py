@@ -11,8 +11,8 @@ from torch import nn
 import rewriter
 from rewriter.errors import CheckpointError, MergeError, RewriterError, RuleError
 from rewriter.peft_config import rules_from_peft_config
-from rewriter.tolerance import output_tolerance
-from rewriter.trace import trace_model
+from rewriter.core.tolerance import output_tolerance
+from rewriter.core.tracing import trace_model
 
 from shared import RULES_DIR
 

@@ -14,12 +14,12 @@ from transformers.pytorch_utils import Conv1D
 
 import rewriter
 from rewriter.errors import ConfigError
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.adapted import Adapted
 from rewriter.rules import load_rules
 from rewriter.testing import make_site
-from rewriter.tolerance import output_tolerance
+from rewriter.core.tolerance import output_tolerance
 from shared import (DTYPES, RULES_DIR, assert_config_fields_are_peft_fields, assert_gradients_reach_every_parameter,
                     assert_merged_like_peft, build_module, config_error, config_from_peft, load_peft_layer, max_error,
                     merge_tolerance, seeded_site_tensors, stack_of, targets)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rewriter.errors import ConfigError
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.methods.ia3 import IA3Config, IA3Module, combine_weighted
 from rewriter.testing import make_site

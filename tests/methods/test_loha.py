@@ -9,7 +9,7 @@ from hypothesis import given
 from torch import nn
 
 from rewriter.errors import ConfigError
-from rewriter.graph import run_site
+from rewriter.core.graph import run_site
 from rewriter.methods import get_method
 from rewriter.methods.loha import LoHaConfig, LoHaModule
 from rewriter.testing import make_site

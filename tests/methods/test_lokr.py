@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from torch import nn
 
-from rewriter.graph import run_site
+from rewriter.core.graph import run_site
 from rewriter.methods import get_method
 from rewriter.methods.lokr import LoKrConfig, LoKrModule, factorization
 from rewriter.testing import make_site

@@ -14,13 +14,13 @@ from torch import nn
 
 import rewriter
 from rewriter.errors import MergeError
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.methods.miss import MissBalanceModule, MissBatModule, MissMiniModule, MissModule
 from rewriter.adapted import Adapted
 from rewriter.rules import load_rules
 from rewriter.testing import make_site
-from rewriter.tolerance import matmul_tolerance, output_tolerance
+from rewriter.core.tolerance import matmul_tolerance, output_tolerance
 from shared import (DTYPES, RULES_DIR, assert_config_fields_are_peft_fields, assert_gradients_reach_every_parameter,
                     assert_merged_like_peft, build_module, config_error, config_from_peft, load_peft_layer, max_error,
                     merge_tolerance, seeded_site_tensors, stack_of, targets)

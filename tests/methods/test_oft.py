@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peft.tuners.oft.layer import OFTLayer
 
-from rewriter.graph import fold_site, run_site
+from rewriter.core.graph import fold_site, run_site
 from rewriter.methods import get_method
 from rewriter.methods.oft import OFTConfig, OFTModule, nearest_divisor
 from rewriter.testing import make_site
-from rewriter.tolerance import matmul_tolerance
+from rewriter.core.tolerance import matmul_tolerance
 from shared import (RULES_DIR, add_ready_adapter, assert_active_adapter_is_exact_noop, assert_forward_equals_fold,
                     assert_tiny_llama_peft_both_ways, clone_weights, config_error, draw_site_tensors,
                     load_peft_layer, peft_tiny, seeded_lora, stack_tolerance)

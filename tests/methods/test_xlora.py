@@ -18,7 +18,7 @@ import rewriter
 from rewriter.adapted import Adapted
 from rewriter.errors import ConfigError, MergeError, RewriterError, RuleError
 from rewriter.plot import main_plot_scalings, plot_scalings
-from rewriter.tolerance import output_tolerance
+from rewriter.core.tolerance import output_tolerance
 
 EXPERT_TARGETS = [["q_proj", "v_proj"], ["k_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj", "q_proj"]]
 CLASSIFIER = "base_model.internal_xlora_classifier."

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .errors import MergeError
-from .methods.base import AdapterModule
+from ..errors import MergeError
+from .adapter import AdapterModule
 from .sites import Site, site_operands
 
 ADAPTERS_ATTR = "rewriter_adapters"

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
 
 @dataclass
