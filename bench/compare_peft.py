@@ -5,7 +5,7 @@ method times its two sides back to back (alternating which goes first), so machi
 lasts longer than one step cancels.  Times are process CPU time (everything timed runs on one
 thread; on a shared machine the wall clock mostly measures the other processes).  Peak RSS is measured per method and side in a process of its
 own, forked from a parent that holds only the model and the trace.  Our adapter configs are
-derived from the PEFT config dicts by ``rewriter.peft_config.rules_from_peft_config`` and our
+derived from the PEFT config dicts by ``rewriter.rules.peft.rules_from_peft_config`` and our
 timed adapters load PEFT's (perturbed) initial weights, so both sides compute the same function;
 the parity column checks that on the eval logits.  X-LoRA's experts are LoRA checkpoints PEFT saves
 at the start of the run; both sides load them, and ours copies PEFT's classifier weights.
@@ -50,7 +50,7 @@ from torch import nn
 
 import rewriter
 from rewriter.adapted import Adapted
-from rewriter.peft_config import rules_from_peft_config
+from rewriter.rules.peft import rules_from_peft_config
 from rewriter.core.tolerance import output_tolerance
 from rewriter.core.tracing import Traced, trace_model
 

@@ -192,8 +192,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import PEFT_CONFIG
-    from .peft_config import read_peft_config, rules_from_peft_config, to_toml
+    from .core.files import PEFT_CONFIG
+    from .rules.peft import read_peft_config, rules_from_peft_config, to_toml
     path = Path(args.config)
     path = path / PEFT_CONFIG if path.is_dir() else path
     cfg = read_peft_config(path)
@@ -201,7 +201,7 @@ def cmd_convert(args) -> int:
                                      source=str(path))
     text = f"# converted from {path} (PEFT {cfg.get('peft_version', '?')}) by rewriter convert\n" + to_toml(ruleset)
     if args.out:
-        from .checkpoint import atomic_write
+        from .core.files import atomic_write
         atomic_write(Path(args.out), text.encode())
         _say(args, f"wrote {args.out}")
     else:
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from .version import __version__
         print(f"rewriter {__version__}")
         return 0
     if not args.command:

@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 
 from . import progress
+from .version import __version__
 from .errors import RewriterError
 from .core.graph import ADAPTERS_ATTR, run_site
 from .methods import get_method
 from .core.tolerance import matmul_tolerance
-from .core.tracing import _dynamic_spec
+from .core.files import atomic_write, tensor_bytes
+from .core.tracing import dynamic_spec
 
 
 def provenance(adapted, merged: bool) -> dict:
-    from . import __version__
     adapters = {}
     for name, record in adapted.adapters.items():
         text = record.ruleset.text if record.ruleset is not None and record.ruleset.text else None
@@ -73,14 +74,14 @@ def exporting_state(adapted, merged: bool):
 def _swap_in_merged(adapted) -> list:
     """Put folded weights where the original (untied) parameters were; tied ones keep their
     separate folded copy so the other users of the tensor see the original."""
-    gm, holder, swapped = adapted.gm, adapted._merged_holder, []
+    gm, holder, swapped = adapted.gm, adapted.merged_holder, []
     # modules trained whole: the live copies go under the original names too
-    for path, copy in adapted._trained_map().items():
+    for path, copy in adapted.trained_map().items():
         owner_path, _, attr = path.rpartition(".")
         owner = gm.get_submodule(owner_path)
         swapped.append((owner, attr, gm.get_parameter(path)))
         setattr(owner, attr, torch.nn.Parameter(gm.get_parameter(copy).detach(), requires_grad=False))
-    trained = adapted._trained_holder
+    trained = adapted.trained_holder
     for name in list(trained._modules):  # detached while exporting, so the graph reads the original names
         swapped.append((trained, name, trained._modules[name]))
         delattr(trained, name)
@@ -96,7 +97,7 @@ def _swap_in_merged(adapted) -> list:
             swapped.append((owner, attr, param))
             setattr(owner, attr, torch.nn.Parameter(getattr(holder, key), requires_grad=False))
             delattr(holder, key)
-    adapted._refresh()
+    adapted.refresh()
     return swapped
 
 
@@ -115,11 +116,11 @@ def export_program(adapted, *, merged: bool = True, dynamic: bool = True):
         warnings.simplefilter("ignore")
         if traced.positional:
             args = tuple(traced.example_inputs.values())
-            spec = tuple(_dynamic_spec(traced.example_inputs, dynamic).values())
+            spec = tuple(dynamic_spec(traced.example_inputs, dynamic).values())
             ep = torch.export.export(adapted.gm, args, dynamic_shapes=spec, strict=False)
         else:
             ep = torch.export.export(adapted.gm, (), dict(traced.example_inputs),
-                                     dynamic_shapes=_dynamic_spec(traced.example_inputs, dynamic), strict=False)
+                                     dynamic_shapes=dynamic_spec(traced.example_inputs, dynamic), strict=False)
     if merged:
         left = adapter_nodes(ep.graph)
         if left:
@@ -339,7 +340,6 @@ def export_adapter_weights(adapted, path, program, adapter_names=None) -> Path:
     Keys are ``rewriter_adapters.<slot>.<site key>.<tensor>`` (contract :data:`SLOT_CONTRACT`).
     An adapter fits a slot when it has the same sites, methods and shapes as the one exported,
     and the parameters the program holds as constants (scaling, index tables) act the same."""
-    from .checkpoint import _tensor_bytes, atomic_write
     path, program = Path(path), Path(program)
     info = read_provenance(program)
     slots = (info.get("adapter_slots") or {}).get("slots")
@@ -367,7 +367,7 @@ def export_adapter_weights(adapted, path, program, adapter_names=None) -> Path:
                         for k, v in _slot_state(adapted, name, slot["slot"]).items()})
     meta = {**provenance(adapted, merged=False), "contract": SLOT_CONTRACT, "slots": [s["slot"] for s in slots],
             "filled_with": names, "program_slots_sha256": hashlib.sha256(json.dumps(slots).encode()).hexdigest()}
-    atomic_write(path, _tensor_bytes(tensors, {"rewriter": json.dumps(meta)}))
+    atomic_write(path, tensor_bytes(tensors, {"rewriter": json.dumps(meta)}))
     return path
 
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .adapters import AdaptedModel
 from .errors import RewriterError, TraceError
 from .methods import get_method
 from .core.tracing import Traced
 
-GRAPHS_ATTR = "_generation_graphs"  #: where an Adapted keeps its decoding graphs
+GRAPHS_ATTR = "generation_graphs"  #: where an Adapted keeps its decoding graphs
 KEEP_GRAPHS = 2                     #: decoding graphs kept per Adapted (each holds a whole KV cache)
 MIN_CACHE_LEN = 64                  #: default cache lengths are powers of two from here, so graphs get reused
 
@@ -239,12 +239,11 @@ def export_decode_step(model: nn.Module, batch: int, length: int) -> Traced:
 def decoding_adapted(adapted, model: nn.Module, batch: int, length: int):
     """The Adapted over the decoding graph for ``(batch, length)``, kept on ``adapted`` and rebuilt
     when the model's weights, dtype or device changed since it was exported."""
-    from .adapted import Adapted
-    graphs = adapted.__dict__.setdefault(GRAPHS_ATTR, OrderedDict())
+    graphs = adapted.generation_graphs
     key = (batch, length)
     gen = graphs.pop(key, None)
     if gen is None or site_mismatches(adapted, gen) or _cache_differs(gen, model):
-        gen = Adapted(export_decode_step(model, batch, length))
+        gen = AdaptedModel(export_decode_step(model, batch, length))
         bad = site_mismatches(adapted, gen)
         if bad:
             raise RewriterError(f"the decoding graph of {type(model).__name__} does not have these sites of the "

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
+from .core.files import atomic_write
+from .version import __version__
 from .errors import MergeError, RewriterError, RuleError
 from .methods import get_method
 from .rules import Plan, RuleSet, load_rules, plan
@@ -133,7 +135,6 @@ def _relative(path: Path, base: Path) -> str:
 def make_lock(adapted, rulesets: Sequence[RuleSet], names: Sequence[str], *, model: str,
               dtype: str | None, lock_path: Path) -> dict:
     """The lock for ``rulesets`` stacked on ``adapted`` under ``names`` (see :func:`stack_rules`)."""
-    from . import __version__
     base = Path(lock_path).parent
     missing = [r for r in rulesets if not r.source]
     if missing:
@@ -167,7 +168,6 @@ def dumps(lock: dict) -> str:
 
 
 def write_lock(path: Path, lock: dict) -> Path:
-    from .checkpoint import atomic_write
     atomic_write(Path(path), dumps(lock).encode())
     return Path(path)
 

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from .core.files import atomic_write, read_tensors
 from .errors import RewriterError
 
 CELL = 16  #: pixels per heatmap cell
@@ -65,7 +66,6 @@ def png_bytes(matrix: torch.Tensor, cell: int = CELL) -> bytes:
 def plot_scalings(scalings_or_adapted, path, layer: int | None = None, tokens: Sequence[int] | None = None) -> Path:
     """Write the heatmap of X-LoRA scalings (a tensor, or an ``Adapted`` whose latest scalings are
     used) to ``path`` (PNG): rows are tokens, columns experts; ``layer`` None averages the layers."""
-    from .checkpoint import atomic_write
     scalings = scalings_or_adapted
     if not isinstance(scalings, torch.Tensor):
         scalings = scalings_or_adapted.get_latest_scalings()
@@ -87,7 +87,6 @@ def main_plot_scalings(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", default=None, help="comma-separated token positions (default: all)")
     args = parser.parse_args(argv)
     try:
-        from .checkpoint import read_tensors
         tensors = read_tensors(Path(args.scalings))
         if "scalings" not in tensors and len(tensors) != 1:
             raise RewriterError(f"expected a tensor named 'scalings' (or a single tensor), found {sorted(tensors)}",

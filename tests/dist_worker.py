@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_graphs, when run as a script
 import rewriter  # noqa: E402
-from rewriter import checkpoint  # noqa: E402
+from rewriter.core import files as checkpoint  # noqa: E402  (atomic writes)
 from rewriter.core.graph import ADAPTERS_ATTR  # noqa: E402
 from tiny_graphs import mlp  # noqa: E402
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import rewriter
-from rewriter import checkpoint
+from rewriter.core import files as checkpoint  # where atomic writes call os
 from rewriter.core.tracing import trace_model
 from tiny_graphs import mlp
 

@@ -26,7 +26,7 @@ from rewriter import RuleError, load_rules, parse_rules, plan, rules_from_dict
 from rewriter.adapted import Adapted
 from rewriter.cli import main
 from rewriter.methods import get_method
-from rewriter.rules import _RULE_KEYS
+from rewriter.rules import RULE_KEYS as _RULE_KEYS
 from rewriter.core.tracing import trace_model
 from tiny_graphs import mlp
 

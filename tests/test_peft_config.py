@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from rewriter import plan
 from rewriter.errors import RuleError
-from rewriter.peft_config import rules_from_peft_config, to_toml
+from rewriter.rules.peft import rules_from_peft_config, to_toml
 from rewriter.rules import layer_of, parse_rules
 from rewriter.core.sites import Site
 

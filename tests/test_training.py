@@ -9,9 +9,9 @@ from rewriter import RewriterError, TraceError
 from rewriter.models import TinyMLP, load_model
 from rewriter.core.tolerance import output_tolerance
 from rewriter.core.tracing import example_inputs_for, trace_model
-from rewriter.training import (SEGMENTS_ATTR, CheckpointConfig, apply_activation_checkpointing, checkpoint_layers,
-                               disable_gradient_checkpointing, enable_gradient_checkpointing, is_checkpointed,
-                               with_regularization)
+from rewriter.core.activation_checkpointing import SEGMENTS_ATTR, CheckpointConfig, checkpoint_layers, is_checkpointed
+from rewriter.training import (apply_activation_checkpointing, disable_gradient_checkpointing,
+                               enable_gradient_checkpointing, with_regularization)
 
 ALL = '[adapter]\nr = 4\nalpha = 8\ninit = false\ndropout = 0.1\n[[rule]]\nname = "all"\nmatch = ".*"\n'
 ADALORA = ('[adapter]\nmethod = "adalora"\ninit_r = 4\ntarget_r = 2\ntotal_step = 10\north_reg_weight = 0.5\n'

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
+from .graph import copy_graph
 
 
 @dataclass
@@ -39,7 +40,6 @@ class Traced:
     def clone(self) -> "Traced":
         """A new GraphModule over the same parameters, so one trace can take several rule sets
         (each ``Adapted`` adds its own submodules and rewrites its own graph)."""
-        from .graph import copy_graph
         gm = fx.GraphModule(self.gm, copy_graph(self.gm.graph))
         for attr in ("_in_spec", "_out_spec"):
             if hasattr(self.gm, attr):
@@ -117,7 +117,7 @@ def _with_example_labels(model: nn.Module, inputs: dict[str, Any]) -> dict[str, 
     return {**out, "labels": labels}
 
 
-def _dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
+def dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
     spec = {}
     for name, value in inputs.items():
         if isinstance(value, torch.Tensor) and dynamic and value.dim() >= 1:
@@ -173,10 +173,10 @@ def trace_model(model, example_inputs=None, *, dynamic: bool = True, with_labels
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if positional:
-                spec = tuple(_dynamic_spec({str(i): a for i, a in enumerate(args)}, dynamic).values())
+                spec = tuple(dynamic_spec({str(i): a for i, a in enumerate(args)}, dynamic).values())
                 ep = torch.export.export(model, args, dynamic_shapes=spec, strict=False)
             else:
-                ep = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic_spec(kwargs, dynamic),
+                ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_spec(kwargs, dynamic),
                                          strict=False)
     except Exception as exc:  # torch.export raises many types; wrap with the fix
         raise TraceError(

@@ -120,22 +120,22 @@ class SavedStateHooks:
         return config
 
 
-class Staged(Protocol):
-    """A read and validated adapter; calling it installs it."""
-    modules: dict[str, AdapterModule]
-
-    def __call__(self) -> None: ...
+#: ``(model, method, {site: module}, directory)``: writes modules of one method as a PEFT checkpoint
+SaveModules = Callable[[ModelView, str, Mapping[str, AdapterModule], Path], None]
+#: fills a freshly built module with a checkpoint's values
+Fill = Callable[[AdapterModule], None]
 
 
 class PeftLayout(Protocol):
     """A method whose PEFT checkpoint is laid out unlike one weights file plus one config
-    (X-LoRA: a config, the classifier, and one sub-directory per expert)."""
+    (X-LoRA: a config, the classifier, and one sub-directory per expert).  The method has one
+    target; the checkpoint feature plans it, builds the module and stages the install."""
     #: the method's adapter directory holds sub-directories that are parts of it, not adapters
     owns_subdirectories: bool
 
-    def save(self, model: ModelView, name: str, directory: Path) -> None: ...
-    def load(self, model: ModelView, directory: Path, config: Mapping[str, Any], name: str,
-             activate: bool | None, remap: Any) -> Staged: ...
+    def save(self, model: ModelView, name: str, directory: Path, save_modules: SaveModules) -> None: ...
+    def load(self, model: ModelView, directory: Path, config: Mapping[str, Any], remap: Any) -> tuple[Any, Fill]:
+        """The method's config from PEFT's ``config``, and how to fill the module built from it."""
 
 
 @dataclass(frozen=True)

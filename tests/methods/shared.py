@@ -32,6 +32,20 @@ LLAMA_NAMES = [f"model.layers.{i}.{p}" for i in range(2) for p in (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
 
 
+#: a LoRA rule file with non-trivial factors; ``.format(targets='["q_proj", "v_proj"]')`` (a TOML list of
+#: suffixes or exact names).  X-LoRA's experts, and the LoRA stacked under other methods.
+LORA_RULES = """schema = 1
+[adapter]
+method = "lora"
+r = 4
+lora_alpha = 8
+init_lora_weights = false
+[[rule]]
+name = "experts"
+suffix = {targets}
+"""
+
+
 def max_error(a, b) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
@@ -356,6 +370,24 @@ def draw_site_tensors(draw, in_f, out_f):
     bias = torch.randn(out_f).to(dtype) if draw(st.booleans()) else None
     x = torch.randn(draw(st.integers(1, 3)), 3, in_f).to(dtype)
     return make_site(in_f, out_f, dtype=dtype), x, weight, bias, seed
+
+
+@st.composite
+def boft_geometries(draw):
+    """(block_size, block_num, n_factors) that BOFT accepts."""
+    n_factors = draw(st.integers(1, 3))
+    if n_factors == 1:
+        return draw(st.integers(1, 5)), draw(st.integers(1, 6)), 1
+    span = 2 ** (n_factors - 1)
+    return 2 * draw(st.integers(1, 3)), span * draw(st.integers(1, 6 // span + 1)), n_factors
+
+
+def boft_geometry_params(draw, geometry):
+    """BOFT parameters for ``geometry`` (given by block size or by block number), with or without dropout."""
+    block_size, block_num, n_factors = geometry
+    params = {"boft_block_size": block_size} if draw(st.booleans()) else {"boft_block_size": 0,
+                                                                          "boft_block_num": block_num}
+    return {**params, "boft_n_butterfly_factor": n_factors, "boft_dropout": draw(st.sampled_from([0.0, 0.5]))}
 
 
 class Tiny(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 import rewriter
 from rewriter.errors import CheckpointError, MergeError, RewriterError, RuleError
-from rewriter.peft_config import rules_from_peft_config
+from rewriter.rules.peft import rules_from_peft_config
 from rewriter.core.tolerance import output_tolerance
 from rewriter.core.tracing import trace_model
 

@@ -22,8 +22,9 @@ from rewriter.methods.boft import BOFTConfig, BOFTModule
 from rewriter.testing import make_site
 from rewriter.core.tolerance import matmul_tolerance
 from shared import (RULES_DIR, add_ready_adapter, assert_active_adapter_is_exact_noop, assert_forward_equals_fold,
-                    assert_tiny_llama_peft_both_ways, clone_weights, config_error, draw_site_tensors,
-                    largest_scale, load_peft_layer, peft_tiny, seeded_lora, stack_tolerance)
+                    assert_tiny_llama_peft_both_ways, boft_geometries, boft_geometry_params, clone_weights,
+                    config_error, draw_site_tensors, largest_scale, load_peft_layer, peft_tiny, seeded_lora,
+                    stack_tolerance)
 
 SPEC = get_method("boft")
 BOFT_SCALE = largest_scale(BOFTModule, "boft_s")  # the scales amplify the rounding errors below
@@ -63,25 +64,8 @@ def reference_rotation(blocks):
 
 
 @st.composite
-def geometries(draw):
-    """(block_size, block_num, n_factors) that BOFT accepts."""
-    n_factors = draw(st.integers(1, 3))
-    if n_factors == 1:
-        return draw(st.integers(1, 5)), draw(st.integers(1, 6)), 1
-    span = 2 ** (n_factors - 1)
-    return 2 * draw(st.integers(1, 3)), span * draw(st.integers(1, 6 // span + 1)), n_factors
-
-
-def geometry_params(draw, geometry):
-    block_size, block_num, n_factors = geometry
-    params = {"boft_block_size": block_size} if draw(st.booleans()) else {"boft_block_size": 0,
-                                                                          "boft_block_num": block_num}
-    return {**params, "boft_n_butterfly_factor": n_factors, "boft_dropout": draw(st.sampled_from([0.0, 0.5]))}
-
-
-@st.composite
 def site_inputs(draw):
-    geometry = draw(geometries())
+    geometry = draw(boft_geometries())
     site, x, weight, bias, seed = draw_site_tensors(draw, geometry[0] * geometry[1], draw(st.integers(1, 16)))
     return site, geometry, x, weight, bias, seed
 
@@ -89,7 +73,7 @@ def site_inputs(draw):
 @given(st.data(), site_inputs(), st.sampled_from(["boft+boft", "boft+lora", "lora+boft"]), st.booleans())
 def test_forward_equals_fold_for_stacks(data, inputs, stack, conv1d):
     site, geometry, x, weight, bias, seed = inputs
-    modules = [boft(site, seed + k, **geometry_params(data.draw, geometry)).eval() if kind == "boft"
+    modules = [boft(site, seed + k, **boft_geometry_params(data.draw, geometry)).eval() if kind == "boft"
                else seeded_lora(site, seed + k) for k, kind in enumerate(stack.split("+"))]
     assert_forward_equals_fold(x, weight, bias, modules, conv1d, BOFT_SCALE)
     assert_forward_equals_fold(x, weight, bias, modules[::-1], conv1d, BOFT_SCALE)
@@ -110,7 +94,7 @@ def test_stack_order_matters(second):
 @given(st.data(), site_inputs())
 def test_rotation_matches_the_dense_definition_and_is_orthogonal(data, inputs):
     site, geometry, x, weight, bias, seed = inputs
-    module = boft(site, seed, **geometry_params(data.draw, geometry))
+    module = boft(site, seed, **boft_geometry_params(data.draw, geometry))
     with torch.no_grad():
         blocks = module.blocks()
         dense = reference_rotation(blocks)
@@ -136,7 +120,7 @@ def test_reference_perms_are_peft_perms(features, block_size, n_factors):
 @given(st.data(), site_inputs())
 def test_zero_init_is_exactly_the_base_layer(data, inputs):
     site, geometry, x, weight, bias, seed = inputs
-    module = boft(site, seed, init_weights=True, **geometry_params(data.draw, geometry))
+    module = boft(site, seed, init_weights=True, **boft_geometry_params(data.draw, geometry))
     assert not module.boft_R.any() and torch.equal(module.boft_s, torch.ones_like(module.boft_s))
     assert torch.equal(run_site(x, weight, bias, [module]), F.linear(x, weight, bias))
     assert torch.equal(fold_site(weight, bias, [module])[0], weight)
@@ -147,7 +131,7 @@ def test_only_boft_parameters_get_gradients(data, inputs):
     site, geometry, x, weight, bias, seed = inputs
     frozen = seeded_lora(site, seed)
     frozen.requires_grad_(False)
-    module = boft(site, seed, **geometry_params(data.draw, geometry))
+    module = boft(site, seed, **boft_geometry_params(data.draw, geometry))
     run_site(x, weight, bias, [frozen, module]).float().sum().backward()
     for p in (module.boft_R, module.boft_s):
         assert p.grad is not None and torch.isfinite(p.grad).all()

@@ -20,18 +20,10 @@ from rewriter.errors import ConfigError, MergeError, RewriterError, RuleError
 from rewriter.plot import main_plot_scalings, plot_scalings
 from rewriter.core.tolerance import output_tolerance
 
+from shared import LORA_RULES
+
 EXPERT_TARGETS = [["q_proj", "v_proj"], ["k_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj", "q_proj"]]
 CLASSIFIER = "base_model.internal_xlora_classifier."
-LORA = """schema = 1
-[adapter]
-method = "lora"
-r = 4
-lora_alpha = 8
-init_lora_weights = false
-[[rule]]
-name = "experts"
-suffix = {targets}
-"""
 
 
 def toml_value(value) -> str:
@@ -101,7 +93,7 @@ def one_expert(setting):
     traced = setting[0]
     adapted = Adapted(traced.clone())
     torch.manual_seed(3)
-    adapted.add_adapter(LORA.format(targets='["q_proj", "v_proj", "down_proj"]'), "e")
+    adapted.add_adapter(LORA_RULES.format(targets='["q_proj", "v_proj", "down_proj"]'), "e")
     adapted.add_weighted_adapter(["e"], [1.0], "ref", combination_type="cat")
     adapted.add_adapter(xlora_rules(["e"], enable_softmax=False, xlora_depth=1), "xl")
     return adapted
@@ -220,12 +212,12 @@ def test_a_peft_format_adapter_loads_on_renamed_modules_with_a_remap_table(setti
 
 def test_fused_experts_equal_one_expert_at_a_time(setting, monkeypatch):
     """Experts without dropout or bias run as two matmuls for all of them; the same sum as the loop."""
-    from rewriter.methods import xlora
+    from rewriter.methods.xlora import module as xlora
     traced, base, paths, ids = setting
     adapted = ours_like_peft(traced, paths, peft_xlora(base, paths), global_scaling_weight=0.7)
     adapted.set_adapter("xl")
     fused = logits(adapted, ids)
-    monkeypatch.setattr(xlora, "_linear_in_x", lambda expert: False)
+    monkeypatch.setattr(xlora, "linear_in_x", lambda expert: False)
     looped = logits(adapted, ids)
     assert (fused - looped).abs().max() <= output_tolerance(looped, torch.float32) and not torch.equal(fused, looped)
 
@@ -333,7 +325,7 @@ def test_unmerged_pt2_export_runs_both_passes_without_rewriter(setting, tmp_path
 def test_other_adapters_at_expert_layers_are_refused(setting):
     traced, _, paths, _ = setting
     adapted = Adapted(traced.clone())
-    adapted.add_adapter(LORA.format(targets='["q_proj"]'), "plain")
+    adapted.add_adapter(LORA_RULES.format(targets='["q_proj"]'), "plain")
     adapted.add_adapter(xlora_rules(paths), "xl")
     with pytest.raises(RewriterError, match="only unmerged adapter.*'plain'"):
         adapted.set_adapter(["plain", "xl"])
@@ -348,7 +340,7 @@ def test_other_adapters_at_expert_layers_are_refused(setting):
 ])
 def test_bad_configs_name_the_field(setting, rules, message):
     adapted = Adapted(setting[0].clone())
-    adapted.add_adapter(LORA.format(targets='["q_proj"]'), "e")
+    adapted.add_adapter(LORA_RULES.format(targets='["q_proj"]'), "e")
     with pytest.raises(RuleError, match=message) as info:
         adapted.add_adapter(rules, "xl")
     assert "[adapter]" in str(info.value) or "rule 'all'" in str(info.value)

@@ -8,15 +8,16 @@ rules express all of it: pattern combinations become rules whose regexes are loo
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import CheckpointError, RewriterError
-from .methods import METHODS, MethodSpec, load_all
-from .rules import Rule, RuleSet, rules_from_dict
+from ..errors import CheckpointError, RewriterError
+from ..methods import METHODS, MethodSpec, load_all
+from .syntax import RuleSet, rules_from_dict
 
 #: PEFT's per-architecture default targets (used when target_modules is None)
 DEFAULT_TARGETS = {
@@ -259,7 +260,6 @@ def peft_config_for(spec: MethodSpec, configs: Sequence[tuple[str, Any]], *, tra
     """PEFT config for sites ``[(site, config), ...]`` of one method.  Fields that vary across
     sites go into PEFT's pattern dicts (exact-name keys); anything else that varies is refused.
     ``task_type`` (:func:`peft_task_type`) is recorded where PEFT's model needs it (ADAPTION_PROMPT)."""
-    import dataclasses
     if spec.peft_type is None:
         raise CheckpointError(f"method '{spec.name}' has no PEFT equivalent", fix="save with format='rewriter'")
     if spec.peft_type == "ADAPTION_PROMPT":

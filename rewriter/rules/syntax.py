@@ -11,22 +11,19 @@ import dataclasses
 import difflib
 import re
 import tomllib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
-import torch
-
-from .errors import ConfigError, RewriterError, RuleError
-from .methods import get_method
-from .core.sites import Site
+from ..errors import ConfigError, RewriterError, RuleError
+from ..methods import get_method
+from .remap import Remap, parse_remap
 
 SCHEMA = 1
 ACTIONS = ("adapt", "skip", "train")
 _TOP_KEYS = {"schema", "adapter", "rule", "remap"}
 _ADAPTER_KEYS = {"name", "method"}
-_RULE_KEYS = {"name", "match", "suffix", "layers", "layers_pattern", "action", "method", "optional"}
+RULE_KEYS = {"name", "match", "suffix", "layers", "layers_pattern", "action", "method", "optional"}
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -80,58 +77,6 @@ class RuleSet:
         if key:
             place += f", field '{key}'"
         return place
-
-
-@dataclass(frozen=True)
-class Remap:
-    """An explicit rename table for module names in checkpoints (``[remap]`` in a rule file):
-    ``"old.prefix" = "new.prefix"``, matched on whole name components, the longest prefix first.
-    It lets an adapter trained on one module layout load on a renamed one."""
-    pairs: tuple[tuple[str, str], ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.pairs)
-
-    def apply(self, name: str) -> str:
-        for old, new in sorted(self.pairs, key=lambda pair: -len(pair[0])):
-            if name == old or name.startswith(old + "."):
-                return new + name[len(old):]
-        return name
-
-
-def parse_remap(table, where: str) -> Remap:
-    if not isinstance(table, Mapping):
-        raise RuleError("[remap] must be a table of \"old.name\" = \"new.name\"", where=where)
-    pairs = []
-    for old, new in table.items():
-        for value in (old, new):
-            if not isinstance(value, str) or not value or value.startswith(".") or value.endswith(".") \
-                    or ".." in value:
-                raise RuleError(f"[remap] entry {old!r} = {new!r}: both sides must be module names or name prefixes "
-                                "like \"transformer.h\"", where=f"{where}, [remap]",
-                                fix='e.g. "transformer.h" = "model.layers"')
-        pairs.append((old, new))
-    return Remap(tuple(pairs))
-
-
-def read_remap(source) -> Remap:
-    """A Remap from a Remap, a dict, or a TOML file with a ``[remap]`` table (a rule file or a
-    file of its own)."""
-    if source is None or isinstance(source, Remap):
-        return source or Remap()
-    if isinstance(source, Mapping):
-        return parse_remap(source, "<remap>")
-    path = Path(source)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(f"cannot read remap file: {exc}", where=str(path)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RuleError(f"invalid TOML: {exc}", where=str(path)) from None
-    if "remap" not in data:
-        raise RuleError("no [remap] table in this file", where=str(path),
-                        fix='add one: [remap] then lines like "transformer.h" = "model.layers"')
-    return parse_remap(data["remap"], str(path))
 
 
 def layer_of(name: str, pattern: str | None = None) -> int | None:
@@ -292,7 +237,7 @@ def _parse_rule(ruleset: RuleSet, raw, index: int, line: int | None) -> Rule:
     if not isinstance(raw, Mapping):
         raise RuleError("each rule must be a table", where=ruleset.where(Rule(name=f"rule-{index + 1}", line=line)))
     name = raw.get("name", f"rule-{index + 1}")
-    params = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
+    params = {k: v for k, v in raw.items() if k not in RULE_KEYS}
     stub = Rule(name=str(name), line=line, params=params)  # for messages (a rule's own params are located there)
     if not isinstance(name, str) or not name:
         raise RuleError(f"rule name must be a non-empty string, got {name!r}", where=ruleset.where(stub, "name"))
@@ -304,7 +249,7 @@ def _parse_rule(ruleset: RuleSet, raw, index: int, line: int | None) -> Rule:
     if action != "adapt":
         for key in list(params) + (["method"] if "method" in raw else []):
             raise RuleError(f"'{key}' has no meaning in a '{action}' rule", where=ruleset.where(stub, key),
-                            fix=_did_you_mean(key, _RULE_KEYS) if key not in _RULE_KEYS else "remove it")
+                            fix=_did_you_mean(key, RULE_KEYS) if key not in RULE_KEYS else "remove it")
     match = _regex(raw["match"], ruleset.where(stub, "match"), "match") if "match" in raw else None
     suffix = _str_tuple(raw["suffix"], ruleset.where(stub, "suffix"), "suffix") if "suffix" in raw else ()
     if match is None and not suffix:
@@ -336,173 +281,21 @@ def _check_misspelt_rule_keys(ruleset: RuleSet, rule: Rule, method: str) -> None
         return  # _check_params reports the method
     accepted = set(spec.field_names()) | set(spec.aliases) | set(spec.ignored_peft_fields)
     for key in rule.params:
-        close = difflib.get_close_matches(key, sorted(accepted | _RULE_KEYS), n=1)
-        if key not in accepted and close and close[0] in _RULE_KEYS:
+        close = difflib.get_close_matches(key, sorted(accepted | RULE_KEYS), n=1)
+        if key not in accepted and close and close[0] in RULE_KEYS:
             raise RuleError(f"unknown key '{key}' in a rule", where=ruleset.where(rule, key),
                             fix=f"did you mean '{close[0]}'?")
 
 
-# ---- planning -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Decision:
-    site: str
-    rule: str
-    method: str
-    config: Any  #: the method's frozen config for this site
-
-
-@dataclass
-class Plan:
-    adapter: str
-    decisions: list[Decision]                   #: sites to adapt, graph order
-    train: list[tuple[str, str]]                #: (module name, rule) made trainable and saved
-    counts: dict[str, int]                      #: sites decided by each rule
-    skipped: dict[str, str]                     #: site -> skip rule
-    unmatched: dict[str, list[str]]             #: optional rules that matched nothing -> closest names
-    shadowed: dict[str, list[str]]              #: rule -> earlier rules that took all its matches
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        from .methods import get_method as _gm
-        return {
-            "adapter": self.adapter,
-            "sites": [{"site": d.site, "rule": d.rule, "method": d.method,
-                       "params": _gm(d.method).config_dict(d.config)} for d in self.decisions],
-            "train": [{"module": m, "rule": r} for m, r in self.train],
-        }
-
-
-def _closest(rule: Rule, names: Sequence[str], n: int = 3) -> list[str]:
-    probe = rule.match or (rule.suffix[0] if rule.suffix else rule.name)
-    if rule.suffix:  # compare suffixes with the same number of components
-        depth = rule.suffix[0].count(".") + 1
-        tails = {".".join(x.split(".")[-depth:]): x for x in names}
-        hits = difflib.get_close_matches(rule.suffix[0], list(tails), n=n, cutoff=0.3)
-        return [tails[h] for h in hits]
-    return difflib.get_close_matches(probe.replace("\\", ""), list(names), n=n, cutoff=0.3)
-
-
-def plan(ruleset: RuleSet, sites: Sequence[Site], module_names: Sequence[str] = ()) -> Plan:
-    """Resolve rules against sites: first matching rule wins per site."""
-    site_names = [s.name for s in sites]
-    decided: dict[str, str] = {}
-    decisions, train, skipped = [], [], {}
-    counts = {r.name: 0 for r in ruleset.rules}
-    unmatched, shadowed, warnings = {}, {}, []
-    configs: dict[tuple, Any] = {}
-    fitted: set[tuple] = set()  # (rule, method, site shape): size checks depend on nothing else
-    for rule in ruleset.rules:
-        universe = module_names if rule.action == "train" else site_names
-        hits = [n for n in universe if rule.matches(n)]
-        if rule.action == "train":
-            train.extend((n, rule.name) for n in hits)
-            counts[rule.name] = len(hits)
-        else:
-            fresh = [n for n in hits if n not in decided]
-            counts[rule.name] = len(fresh)
-            if hits and not fresh:
-                shadowed[rule.name] = sorted({decided[n] for n in hits})
-            for n in fresh:
-                decided[n] = rule.name
-                if rule.action == "skip":
-                    skipped[n] = rule.name
-        if not hits:
-            close = _closest(rule, universe)
-            if not rule.optional:
-                hint = f"closest names: {', '.join(close)}" if close else "the model has no such module"
-                raise RuleError("rule matched no module", where=ruleset.where(rule),
-                                fix=f"{hint}; fix the pattern or mark the rule optional = true")
-            unmatched[rule.name] = close
-    for name, rules in shadowed.items():
-        warnings.append(f"rule '{name}' is shadowed: every module it matches was already taken by {', '.join(rules)}")
-    by_rule = {r.name: r for r in ruleset.rules}
-    chosen = []  # (site, rule, method, config)
-    for site in sites:
-        rule = by_rule.get(decided.get(site.name, ""))
-        if rule is None or rule.action != "adapt":
-            continue
-        method = rule.method or ruleset.method
-        base = ruleset.params if rule.method in (None, ruleset.method) else {}
-        key = (rule.name, method)
-        if key not in configs:
-            try:
-                configs[key] = get_method(method).make_config({**base, **rule.params})
-            except ConfigError as exc:
-                raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
-        chosen.append((site, rule, method, configs[key]))
-    for site, rule, method, config in _selected(ruleset, chosen, counts):
-        shape = (rule.name, method, site.in_features, site.out_features, site.bias is not None, site.dtype)
-        if shape not in fitted:
-            _check_fits(ruleset, rule, method, config, site)
-            fitted.add(shape)
-        decisions.append(Decision(site=site.name, rule=rule.name, method=method, config=config))
-    if not decisions:
-        raise RuleError("the rules select no site to adapt", where=ruleset.source or "<rules>",
-                        fix="check that at least one adapt rule matches the model (rewriter explain shows names)")
-    return Plan(adapter=ruleset.adapter, decisions=decisions, train=train, counts=counts, skipped=skipped,
-                unmatched=unmatched, shadowed=shadowed, warnings=warnings)
-
-
-def _selected(ruleset: RuleSet, chosen: list[tuple], counts: dict[str, int]) -> list[tuple]:
-    """``chosen`` less what graph-scope methods' configs leave out of what their rules matched
-    (``MethodSpec.select``); ``counts`` follow."""
-    kept = set()
-    for method in dict.fromkeys(m for _, _, m, _ in chosen):
-        mine = [(site, config) for site, _, m, config in chosen if m == method]
-        scope = get_method(method).graph_scope
-        try:
-            kept.update(s.name for s in (scope.select(mine) if scope is not None else [s for s, _ in mine]))
-        except ConfigError as exc:
-            rule = next(r for _, r, m, _ in chosen if m == method)
-            raise RuleError(exc.what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
-    for site, rule, _, _ in chosen:
-        if site.name not in kept:
-            counts[rule.name] -= 1
-    return [c for c in chosen if c[0].name in kept]
-
-
-def _check_fits(ruleset: RuleSet, rule: Rule, method: str, config, site: Site) -> None:
-    """Build the site's adapter on the meta device (no memory, no random draws) so that size
-    checks (mini_r, BOFT blocks, n_frequency, ...) fail while planning, naming the rule."""
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # size adjustments warn again when the adapter is built
-            get_method(method).module_cls(site, config)
-    except ConfigError as exc:
-        what = exc.what if site.name in exc.what else f"{site.name}: {exc.what}"
-        raise RuleError(what, where=ruleset.where(rule, exc.field), fix=exc.fix) from None
-
-
-def format_plan(p: Plan, sites: Sequence[Site] | None = None) -> str:
-    """The explain table: site -> rule -> method -> parameters, then per-rule counts."""
-    from .methods import get_method as _gm
-    rows = []
-    for d in p.decisions:
-        spec = _gm(d.method)
-        defaults = spec.config_cls()  if _has_defaults(spec.config_cls) else None
-        shown = {k: v for k, v in dataclasses.asdict(d.config).items()
-                 if defaults is None or getattr(defaults, k) != v}
-        params = ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
-        rows.append((d.site, d.rule, d.method, params))
-    for site, rule in p.skipped.items():
-        rows.append((site, rule, "skip", ""))
-    for module, rule in p.train:
-        rows.append((module, rule, "train", "whole module trainable, saved with the adapter"))
-    head = ("site", "rule", "method", "parameters")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:3]) + "  {}"
-    out = [f"adapter '{p.adapter}': {len(p.decisions)} site(s) adapted", fmt.format(*head),
-           fmt.format(*("-" * w for w in widths[:3]), "-" * 10)]
-    out += [fmt.format(*r) for r in rows]
-    out.append("")
-    out.append("rule counts: " + ", ".join(f"{k}={v}" for k, v in p.counts.items()))
-    for rule, close in p.unmatched.items():
-        out.append(f"optional rule '{rule}' matched nothing" + (f"; closest: {', '.join(close)}" if close else ""))
-    out += [f"warning: {w}" for w in p.warnings]
-    return "\n".join(out)
-
-
-def _has_defaults(cls) -> bool:
-    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-               for f in dataclasses.fields(cls))
+def coerce_rules(rules) -> RuleSet:
+    """A RuleSet from a RuleSet, a path, TOML text, or a dict."""
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, Mapping):
+        return rules_from_dict(rules)
+    if isinstance(rules, Path) or (isinstance(rules, str) and "\n" not in rules and rules.endswith(".toml")):
+        return load_rules(rules)
+    if isinstance(rules, str):
+        return parse_rules(rules)
+    raise RewriterError(f"cannot read rules from {type(rules).__name__}",
+                        fix="pass a path to a .toml file, TOML text, a dict, or a RuleSet")
