@@ -14,7 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .adapted import apply
+from .check import check_merge
 from .errors import RewriterError
+from .exporter import export
+from .models import minilm_dir
 
 DATA = Path(__file__).parent / "data" / "topics.tsv"
 RULES = "lora-bert.toml"
@@ -41,8 +45,6 @@ def run_demo(out: Path = Path("rewriter-demo"), steps: int = 100, quiet: bool = 
     import transformers
     from tqdm.auto import tqdm
 
-    import rewriter
-    from .models import minilm_dir
 
     say = (lambda *a: None) if quiet else print
     started = time.perf_counter()
@@ -62,7 +64,7 @@ def run_demo(out: Path = Path("rewriter-demo"), steps: int = 100, quiet: bool = 
     rules_path = find_rules(RULES)
     example, _ = batch(train[:4])
     t0 = time.perf_counter()
-    adapted = rewriter.apply(model, rules_path, example_inputs=example)
+    adapted = apply(model, rules_path, example_inputs=example)
     say(f"rules: {rules_path} -> traced and rewritten in {time.perf_counter() - t0:.1f}s")
     say(adapted.explain().split("\n")[0])
     if not quiet:
@@ -100,16 +102,16 @@ def run_demo(out: Path = Path("rewriter-demo"), steps: int = 100, quiet: bool = 
     adapter_dir = adapted.save_adapter(out / "adapter")
     peft_dir = adapted.save_adapter(out / "adapter-peft", format="peft")
     inputs, _ = batch(test)
-    report = rewriter.check_merge(adapted, inputs=inputs)
+    report = check_merge(adapted, inputs=inputs)
     worst = report.worst_first()[0]
     say(f"merge check: {'OK' if report.ok else 'FAILED'}, {len(report.sites)} sites, worst |err| "
         f"{worst.max_error:.2e} (tolerance {worst.tolerance:.2e}), whole-model logits |err| {report.output_error:.2e}")
-    pt2 = rewriter.export(adapted, out / "model-merged.pt2", merged=True)
+    pt2 = export(adapted, out / "model-merged.pt2", merged=True)
     program = torch.export.load(str(pt2)).module()
     with torch.no_grad():
         exported_err = (program(**inputs).logits - adapted(**inputs).logits).abs().max().item()
     say(f"exported merged .pt2; its logits differ from the adapted model's by {exported_err:.2e}")
-    code = rewriter.export(adapted, out / "graph.py", format="code", merged=False)
+    code = export(adapted, out / "graph.py", format="code", merged=False)
     summary = {"accuracy_before": before, "accuracy_after": after, "loss_first": losses[0], "loss_last": losses[-1],
                "merge_ok": report.ok, "exported_error": exported_err, "seconds": time.perf_counter() - started}
     say("\nwhere everything went:")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .methods import get_method
+
 FORMAT = 1  # bump when what is stored changes
 
 
@@ -42,13 +44,11 @@ class SiteTable:
     graph_targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def targets(self, method: str) -> dict[str, Any]:
-        from .methods import get_method
         if get_method(method).graph_scope is None:
             return self.sites
         return self.graph_targets[method]
 
     def has(self, method: str) -> bool:
-        from .methods import get_method
         return get_method(method).graph_scope is None or method in self.graph_targets
 
     def module_names(self) -> list[str]:

@@ -10,9 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .adapted import Adapted
+from .check import check_merge
 from .core.graph import fold_site, run_site
 from .core.sites import Site
 from .core.tolerance import matmul_tolerance
+from .core.tracing import trace_model
+from .errors import RewriterError
+from .lock import check_lock, read_lock
+from .models import load_model
 
 
 def make_site(in_features: int, out_features: int, *, dtype: torch.dtype = torch.float32, name: str = "layer",
@@ -67,7 +73,6 @@ def assert_merge_equivalent(adapted, inputs=None, atol: float | None = None, ada
     """Fail with the per-site table when any site's merged output differs from the unmerged one,
     for the active adapters (or ``adapter_names``) stacked; ``inputs`` default to the traced
     example.  Fresh adapters are no-ops: train or ``rewriter.check.perturb`` them first."""
-    from .check import check_merge
     report = check_merge(adapted, inputs=inputs, atol=atol, adapter_names=adapter_names)
     assert report.ok, "merge equivalence failed:\n" + report.format()
     return report
@@ -76,10 +81,6 @@ def assert_merge_equivalent(adapted, inputs=None, atol: float | None = None, ada
 def assert_lock_holds(lock_path, adapted=None):
     """Fail with the site-by-site drift when the rule files of a lock (``rewriter lock``) no longer
     resolve to the locked plan: on ``adapted``'s base graph, or by default on the lock's model."""
-    from .adapted import Adapted
-    from .lock import check_lock, read_lock
-    from .models import load_model
-    from .core.tracing import trace_model
     lock = read_lock(lock_path)
     if adapted is None:
         dtype = getattr(torch, lock.dtype) if lock.dtype else None
@@ -105,10 +106,8 @@ def model_inputs(model, *, max_size: int = 16):
         def test_merge_on_any_input(data):
             assert_merge_equivalent(adapted, inputs=data.draw(model_inputs(adapted)))
     """
-    from hypothesis import strategies as st
-
-    from .errors import RewriterError
-    traced = getattr(model, "_traced", model)
+    from hypothesis import strategies as st  # an optional dependency, for users' test suites
+    traced = getattr(model, "traced", model)
     if not traced.example_inputs:
         raise RewriterError("this model was given as a GraphModule, so there are no example inputs to draw like",
                             fix="build it with rewriter.apply(model, rules, example_inputs=...)")

@@ -9,7 +9,7 @@ from rewriter import RewriterError, TraceError
 from rewriter.models import TinyMLP, load_model
 from rewriter.core.tolerance import output_tolerance
 from rewriter.core.tracing import example_inputs_for, trace_model
-from rewriter.core.activation_checkpointing import SEGMENTS_ATTR, CheckpointConfig, checkpoint_layers, is_checkpointed
+from rewriter.core.activation_checkpointing import SEGMENTS_ATTR, ActivationCheckpointing, checkpoint_layers, is_checkpointed
 from rewriter.training import (apply_activation_checkpointing, disable_gradient_checkpointing,
                                enable_gradient_checkpointing, with_regularization)
 
@@ -191,12 +191,12 @@ def test_checkpointing_is_reapplied_after_the_graph_is_regenerated(traced_models
 
 def test_checkpointing_options_and_graphs_without_layers_are_clear_errors():
     with pytest.raises(RewriterError, match="every_n_layers"):
-        CheckpointConfig(every_n_layers=0)
+        ActivationCheckpointing(every_n_layers=0)
     with pytest.raises(RewriterError, match="reentrant"):
-        CheckpointConfig(checkpoint_kwargs={"use_reentrant": True})
+        ActivationCheckpointing(checkpoint_kwargs={"use_reentrant": True})
     with pytest.raises(RewriterError, match=r"unknown torch.utils.checkpoint option\(s\) \['preserve_rng'\]"):
-        CheckpointConfig(checkpoint_kwargs={"preserve_rng": False})
-    assert CheckpointConfig(checkpoint_kwargs={"use_reentrant": False, "preserve_rng_state": False}) \
+        ActivationCheckpointing(checkpoint_kwargs={"preserve_rng": False})
+    assert ActivationCheckpointing(checkpoint_kwargs={"use_reentrant": False, "preserve_rng_state": False}) \
         .checkpoint_kwargs == {"preserve_rng_state": False}
     adapted = rewriter.apply(TinyMLP().eval(), '[[rule]]\nname = "up"\nsuffix = ["up"]\n',
                              example_inputs=(torch.randn(2, 32),))

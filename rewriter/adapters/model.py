@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from ..core.activation_checkpointing import CheckpointConfig, checkpoint_layers
+from ..core.activation_checkpointing import ActivationCheckpointing, checkpoint_layers
 from ..core.adapter import AdapterModule
 from ..core.graph import ADAPTERS_ATTR, MERGED_ATTR, copy_graph
 from ..core.sites import Site, find_sites, normalize
@@ -57,7 +57,7 @@ class AdaptedModel(Trainable, nn.Module):
         for attr in _OWN:
             self.gm.add_submodule(attr, nn.Module())
         self.state = AdapterState()
-        self.activation_checkpointing: CheckpointConfig | None = None
+        self.activation_checkpointing: ActivationCheckpointing | None = None
         #: decoding graphs of ``generate``, by (batch, cache length), most recently used last
         self.generation_graphs: OrderedDict = OrderedDict()
         self._mixed = MixedBatches()

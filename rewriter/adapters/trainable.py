@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from ..core.activation_checkpointing import SEGMENTS_ATTR, CheckpointConfig, checkpoint_layers
+from ..core.activation_checkpointing import SEGMENTS_ATTR, ActivationCheckpointing, checkpoint_layers
 from .calling import drop_tied_aliases, restore_tied_aliases, traced_signature
 
 
@@ -29,7 +29,7 @@ class Trainable:
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, *, every_n_layers: int = 1,
                                       offload: bool = False) -> None:
         """Recompute each layer's activations in backward (same gradients, less memory); HF's name."""
-        config = CheckpointConfig(every_n_layers, offload, dict(gradient_checkpointing_kwargs or {}))
+        config = ActivationCheckpointing(every_n_layers, offload, dict(gradient_checkpointing_kwargs or {}))
         self.gradient_checkpointing_disable()  # a fresh live graph, without an earlier setting's segments
         checkpoint_layers(self.gm, config)
         self.activation_checkpointing = config  # only once it worked: every regeneration re-applies it

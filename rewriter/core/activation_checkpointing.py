@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import RewriterError
 
 #: submodule of the live GraphModule holding the checkpointed segments
-SEGMENTS_ATTR = "rewriter_checkpoint"
+SEGMENTS_ATTR = "rewriter_recomputed"
 
 _LAYER_PATH = re.compile(r"\.\d+$")
 #: keyword options of non-reentrant ``torch.utils.checkpoint.checkpoint``
@@ -26,14 +26,14 @@ _CHECKPOINT_OPTIONS = frozenset({"preserve_rng_state", "context_fn", "determinis
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class ActivationCheckpointing:
     """Which layers to checkpoint and how (HF's ``activation_checkpointing_enable`` arguments)."""
     every_n_layers: int = 1       #: checkpoint layers 0, n, 2n, ... (in graph order)
     offload: bool = False         #: keep the tensors saved for recomputation in CPU memory
     #: more keyword arguments for ``torch.utils.checkpoint.checkpoint`` (always non-reentrant)
     checkpoint_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.every_n_layers, bool) or not isinstance(self.every_n_layers, int) \
                 or self.every_n_layers < 1:
             raise RewriterError(f"every_n_layers must be an integer >= 1, got {self.every_n_layers!r}")
@@ -49,17 +49,18 @@ class CheckpointConfig:
         object.__setattr__(self, "checkpoint_kwargs", options)
 
 
-class CheckpointedSegment(nn.Module):
+class RecomputedSegment(nn.Module):
     """Runs a graph segment under ``torch.utils.checkpoint`` when gradients are on.  The segment
     is held unregistered: the modules it calls belong to the outer graph and must not be listed
     (or saved) twice."""
+    segment: fx.GraphModule  # set with object.__setattr__, so nn.Module does not register it
 
-    def __init__(self, segment: fx.GraphModule, config: CheckpointConfig):
+    def __init__(self, segment: fx.GraphModule, config: ActivationCheckpointing) -> None:
         super().__init__()
         object.__setattr__(self, "segment", segment)
         self.config = config
 
-    def forward(self, *args):
+    def forward(self, *args: Any) -> Any:
         if not torch.is_grad_enabled():  # nothing is saved for backward: nothing to recompute
             return self.segment(*args)
         saving = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if self.config.offload \
@@ -95,8 +96,8 @@ def layer_segments(graph: fx.Graph) -> list[list[fx.Node]]:
     return [[n for n in nodes[first:last + 1] if n.op != "get_attr"] for first, last in merged]
 
 
-def _outline(gm: fx.GraphModule, nodes: list[fx.Node], name: str, config: CheckpointConfig) -> None:
-    """Move ``nodes`` into a :class:`CheckpointedSegment` ``name`` and call it from where they were."""
+def _outline(gm: fx.GraphModule, nodes: list[fx.Node], name: str, config: ActivationCheckpointing) -> None:
+    """Move ``nodes`` into a :class:`RecomputedSegment` ``name`` and call it from where they were."""
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -108,7 +109,7 @@ def _outline(gm: fx.GraphModule, nodes: list[fx.Node], name: str, config: Checkp
     for n in nodes:
         env[n] = sub.node_copy(n, env.__getitem__)
     sub.output(tuple(env[o] for o in outputs))
-    segment = CheckpointedSegment(fx.GraphModule(gm, sub), config)  # shares gm's (adapter) submodules
+    segment = RecomputedSegment(fx.GraphModule(gm, sub), config)  # shares gm's (adapter) submodules
     gm.get_submodule(SEGMENTS_ATTR).add_module(name, segment)
 
     graph = gm.graph
@@ -129,7 +130,7 @@ def is_checkpointed(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_module" and str(n.target).startswith(SEGMENTS_ATTR + ".") for n in gm.graph.nodes)
 
 
-def checkpoint_layers(gm: fx.GraphModule, config: CheckpointConfig = CheckpointConfig()) -> fx.GraphModule:
+def checkpoint_layers(gm: fx.GraphModule, config: ActivationCheckpointing = ActivationCheckpointing()) -> fx.GraphModule:
     """Run every ``config.every_n_layers``-th layer of ``gm`` under ``torch.utils.checkpoint``
     (its activations are recomputed in backward instead of kept).  In place; returns ``gm``.
     Outputs and gradients are the same; a graph already checkpointed is left as it is."""

@@ -18,12 +18,22 @@ and the fold describe the same function.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
 
 from . import recompute as recompute_module
+
+
+class _Target(Protocol):
+    """What a module is built for: a site, or a graph-scope method's target (read-only here)."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
 
 
 class AdapterModule(nn.Module):
@@ -45,29 +55,35 @@ class AdapterModule(nn.Module):
     #: why this method cannot be folded into the weight (None: it can)
     not_mergeable: ClassVar[str | None] = None
 
-    def __init__(self, site, config):
+    def __init__(self, site: _Target, config: Any) -> None:
         super().__init__()
         self.site_name = site.name
         self.in_features = site.in_features
         self.out_features = site.out_features
         self.config = config
 
-    def forward(self, x, y=None, bias=None, *, stage: str = "post", weight=None, recompute=None):
+    def forward(self, x: torch.Tensor | None, y: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                stage: str = "post", weight: torch.Tensor | None = None,
+                recompute: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """``recompute``: the operands ``(a, b)`` of ``x = a * b``, when the graph knows them; the
         backward then multiplies again instead of keeping ``x`` (see :mod:`rewriter.recompute`)."""
-        if recompute is not None and stage != "bias" and recompute_module.applies(x, recompute):
-            with recompute_module.recomputed(x, recompute):
+        # x is None only at stage "bias" (it is then the bias, and the layer has none)
+        if recompute is not None and stage != "bias" and recompute_module.applies(cast(torch.Tensor, x), recompute):
+            with recompute_module.recomputed(cast(torch.Tensor, x), recompute):
                 return self._stage(x, y, bias, stage, weight)
         return self._stage(x, y, bias, stage, weight)
 
-    def _stage(self, x, y, bias, stage: str, weight):
+    def _stage(self, x: torch.Tensor | None, y: torch.Tensor | None, bias: torch.Tensor | None, stage: str,
+               weight: torch.Tensor | None) -> torch.Tensor | None:
         if stage == "pre":
-            return self.pre(x)
+            return self.pre(cast(torch.Tensor, x))
         if stage == "bias":
             return self.fold_bias(x)
+        # needs_weight subclasses take ``weight=``; replaces_base ones get ``y=None``
+        post: Callable[..., torch.Tensor] = self.post
         if self.needs_weight:
-            return self.post(x, y, bias, weight=weight)
-        return self.post(x, y, bias)
+            return post(x, y, bias, weight=weight)
+        return post(x, y, bias)
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -80,7 +96,7 @@ class AdapterModule(nn.Module):
         ``reads_bias`` adapters above this one the bias as this level leaves it."""
         return bias
 
-    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(W', b')`` in float32 for float32 ``weight [out, in]`` and ``bias [out]``."""
         raise NotImplementedError
 

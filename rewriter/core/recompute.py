@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -24,7 +25,7 @@ class _Recipe:
     versions: tuple[int, int]
     size: tuple[int, ...]
     stride: tuple[int, ...]
-    offset: int
+    offset: int | torch.SymInt
 
     def make(self) -> torch.Tensor:
         if (self.a._version, self.b._version) != self.versions:
@@ -33,7 +34,7 @@ class _Recipe:
         return torch.mul(self.a, self.b).as_strided(self.size, self.stride, self.offset)
 
 
-def applies(x: torch.Tensor, operands) -> bool:
+def applies(x: torch.Tensor, operands: tuple[object, object]) -> bool:
     """Only where it saves memory and cannot change a result: training, ``x`` the product of the two
     operands, both kept by autograd, and no compiler tracing the call."""
     a, b = operands
@@ -43,18 +44,18 @@ def applies(x: torch.Tensor, operands) -> bool:
 
 
 @contextlib.contextmanager
-def recomputed(x: torch.Tensor, operands):
+def recomputed(x: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None]:
     """Tensors saved in this context that are ``x`` or views of it are stored as a recipe."""
     a, b = operands
     # the hooks live as long as what they packed: they must not hold x (nor its storage) themselves
     address, dtype, device = x.untyped_storage().data_ptr(), x.dtype, x.device
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> _Recipe | torch.Tensor:
         if t.dtype == dtype and t.device == device and t.untyped_storage().data_ptr() == address:
             return _Recipe(a, b, (a._version, b._version), tuple(t.shape), t.stride(), t.storage_offset())
         return t
 
-    def unpack(saved):
+    def unpack(saved: _Recipe | torch.Tensor) -> torch.Tensor:
         return saved.make() if isinstance(saved, _Recipe) else saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

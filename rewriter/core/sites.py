@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import Argument
 
 LINEAR_TARGETS = {torch.ops.aten.linear.default, F.linear}
 ADDMM_TARGETS = {torch.ops.aten.addmm.default}
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")
 _LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+#: ``(x, weight, bias, op)`` of a matmul node (see :func:`site_operands`)
+Operands = tuple[Argument, Argument, Argument, str]
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def site_operands(node: fx.Node):
+def site_operands(node: fx.Node) -> Operands | None:
     """``(x, weight, bias, op)`` of a matmul node, or None if it is not a weight matmul."""
     if node.op != "call_function":
         return None
@@ -73,11 +77,11 @@ def site_operands(node: fx.Node):
     return None
 
 
-def _param(gm: fx.GraphModule, node) -> nn.Parameter | None:
+def _param(gm: fx.GraphModule, node: Argument) -> nn.Parameter | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     try:
-        t = gm.get_parameter(node.target)
+        t = gm.get_parameter(cast(str, node.target))  # a get_attr target is an attribute path
     except AttributeError:
         return None
     return t
@@ -110,7 +114,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every parameterised matmul in graph order, grouped by weight."""
-    found: dict[str, dict] = {}
+    found: dict[str, dict[str, Any]] = {}
     for node in gm.graph.nodes:
         ops = site_operands(node)
         if ops is None:
@@ -120,20 +124,22 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if weight is None or weight.dim() != 2:
             continue
         bias = _param(gm, b_node)
-        entry = found.get(w_node.target)
+        # _param found parameters: get_attr nodes, whose targets are attribute paths
+        w_path = cast(str, cast(fx.Node, w_node).target)
+        entry = found.get(w_path)
         if entry is not None:
             entry["nodes"].append(node.name)
             continue
         out_f, in_f = weight.shape if op == "linear" else weight.shape[::-1]
-        path, _, attr = w_node.target.rpartition(".")
-        name = canonical_name(path if attr == "weight" else w_node.target)
+        path, _, attr = w_path.rpartition(".")
+        name = canonical_name(path if attr == "weight" else w_path)
         stack = node.meta.get("nn_module_stack") or {}
         module_type = list(stack.values())[-1][1] if stack else ""
         module_type = module_type if isinstance(module_type, str) else getattr(module_type, "__name__", "")
         val = node.meta.get("val")
         dtype = val.dtype if isinstance(val, torch.Tensor) else weight.dtype
-        found[w_node.target] = dict(
-            name=name, weight=w_node.target, bias=b_node.target if bias is not None else None, op=op,
+        found[w_path] = dict(
+            name=name, weight=w_path, bias=cast(fx.Node, b_node).target if bias is not None else None, op=op,
             in_features=int(in_f), out_features=int(out_f), layer=layer_index(name), dtype=dtype,
             nodes=[node.name], module_type=module_type.rsplit(".", 1)[-1])
     return [Site(**{**d, "nodes": tuple(d["nodes"])}) for d in found.values()]

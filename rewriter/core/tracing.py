@@ -15,13 +15,16 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import fx, nn
 
 from ..errors import TraceError
 from .graph import copy_graph
+
+#: example inputs: keyword tensors, a tuple (or list) of positional ones, or one tensor
+_Examples = Mapping[str, Any] | tuple[Any, ...] | list[Any] | torch.Tensor
 
 
 @dataclass
@@ -58,7 +61,7 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8, *, labels
     if not _is_hf(model):
         raise TraceError(f"cannot make example inputs for {type(model).__name__}",
                          fix="pass example_inputs=(tensor, ...) or a dict of keyword tensors")
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config (nn.Module types attributes as Tensor | Module)
     params = inspect.signature(model.forward).parameters
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     vocab = getattr(text_cfg, "vocab_size", None) or 100
@@ -78,7 +81,8 @@ def example_inputs_for(model: nn.Module, batch: int = 2, seq: int = 8, *, labels
         inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen)
         if "attention_mask" in params:
             inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-        if "token_type_ids" in params and getattr(cfg, "type_vocab_size", 0):
+        # bool(): in an ``and``, mypy solves getattr's default type from the left operand (bool)
+        if "token_type_ids" in params and bool(getattr(cfg, "type_vocab_size", 0)):
             inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(2, seq // 2)), generator=gen)
@@ -117,11 +121,11 @@ def _with_example_labels(model: nn.Module, inputs: dict[str, Any]) -> dict[str, 
     return {**out, "labels": labels}
 
 
-def dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
-    spec = {}
+def dynamic_spec(inputs: Mapping[str, Any], dynamic: bool) -> dict[str, dict[int, Any] | None]:
+    spec: dict[str, dict[int, Any] | None] = {}
     for name, value in inputs.items():
         if isinstance(value, torch.Tensor) and dynamic and value.dim() >= 1:
-            dims = {0: torch.export.Dim.AUTO}
+            dims: dict[int, Any] = {0: torch.export.Dim.AUTO}
             if value.dim() >= 2 and not value.is_floating_point():  # token dims: (batch, seq)
                 dims[1] = torch.export.Dim.AUTO
             spec[name] = dims
@@ -130,12 +134,14 @@ def dynamic_spec(inputs: Mapping[str, Any], dynamic: bool):
     return spec
 
 
-def trace(model, example_inputs=None, *, dynamic: bool = True, with_labels: bool = False) -> fx.GraphModule:
+def trace(model: object, example_inputs: _Examples | None = None, *, dynamic: bool = True,
+          with_labels: bool = False) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule (see :func:`trace_model` for the details kept)."""
     return trace_model(model, example_inputs, dynamic=dynamic, with_labels=with_labels).gm
 
 
-def trace_model(model, example_inputs=None, *, dynamic: bool = True, with_labels: bool = False) -> Traced:
+def trace_model(model: object, example_inputs: _Examples | None = None, *, dynamic: bool = True,
+                with_labels: bool = False) -> Traced:
     """Trace with ``example_inputs`` (a dict of keyword inputs, or a tuple of positional tensors;
     default: :func:`example_inputs_for` the model).  ``with_labels=True`` makes the graph compute
     the model's loss: example labels are made when no example inputs are given."""
@@ -154,7 +160,8 @@ def trace_model(model, example_inputs=None, *, dynamic: bool = True, with_labels
     hf = _is_hf(model)
     positional = False
     if example_inputs is None and not hf and getattr(model, "example_inputs", None) is not None:
-        example_inputs = model.example_inputs  # plain modules may carry their own (e.g. builtin:tiny-mlp)
+        # plain modules may carry their own (e.g. builtin:tiny-mlp)
+        example_inputs = cast(_Examples, model.example_inputs)
     if example_inputs is None:
         kwargs = example_inputs_for(model, labels=with_labels)
     elif isinstance(example_inputs, Mapping):
@@ -211,8 +218,9 @@ def share_float_attention_masks(gm: fx.GraphModule) -> None:
                 users.setdefault(mask, []).append(node)
     changed = False
     for mask, calls in users.items():
-        dtypes = {getattr(c.args[0].meta.get("val"), "dtype", None) for c in calls}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        # sdpa's query is a node, and export stamps a val (with a dtype) on every tensor node
+        dtypes = {getattr(cast(fx.Node, c.args[0]).meta.get("val"), "dtype", None) for c in calls}
+        if len(dtypes) != 1 or not cast(torch.dtype, next(iter(dtypes))).is_floating_point:
             continue
         (dtype,) = dtypes
         with graph.inserting_after(mask):

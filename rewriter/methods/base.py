@@ -104,19 +104,20 @@ class SavedStateHooks:
     """Defaults for :class:`CheckpointHooks`: subclass and override what differs."""
     peft_field: str | None = None
 
-    def save(self, module, controller, site):
+    def save(self, module: AdapterModule, controller: Controller | None, site: str) \
+            -> tuple[dict[str, torch.Tensor], Any]:
         return dict(module.state_dict()), None
 
-    def load(self, module, tensors, extra) -> None:
+    def load(self, module: AdapterModule, tensors: Mapping[str, torch.Tensor], extra: Any) -> None:
         module.load_state_dict(dict(tensors))
 
     def peft_key(self, site: str) -> str:
         return site
 
-    def remap(self, extra, tensors, remap):
+    def remap(self, extra: Any, tensors: dict[str, torch.Tensor], remap: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         return extra, tensors
 
-    def config_with_extra(self, config, extra):
+    def config_with_extra(self, config: Any, extra: Any) -> Any:
         return config
 
 
@@ -160,7 +161,7 @@ SITE = SiteScope()
 #: ``combine(adapters: [{site: module}], weights, **options) -> {site: (config, {param: tensor})}``
 Combine = Callable[..., Mapping[str, tuple[Any, Mapping[str, torch.Tensor]]]]
 #: ``(peft_config, tensors) -> peft_config``, run before a PEFT checkpoint is planned
-PeftConfigFixup = Callable[[dict, Mapping[str, torch.Tensor]], dict]
+PeftConfigFixup = Callable[[dict[str, Any], Mapping[str, torch.Tensor]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class MethodSpec:
     #: rule-file spellings -> config field names
     aliases: Mapping[str, str] = field(default_factory=dict)
     #: PEFT config fields that mean nothing here (accepted from PEFT configs and rule files, dropped)
-    ignored_peft_fields: frozenset = frozenset()
+    ignored_peft_fields: frozenset[str] = frozenset()
     #: per-site config fields and the PEFT pattern dict that carries them,
     #: e.g. {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
     peft_site_fields: Mapping[str, str] = field(default_factory=dict)

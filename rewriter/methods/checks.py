@@ -1,35 +1,37 @@
 """Validation helpers shared by method configs, and PEFT's initial rounding."""
 from __future__ import annotations
 
+from typing import Collection, cast
+
 import torch
 
 from ..errors import ConfigError
 
 
-def check_int(name: str, value, *, minimum: int | None = None) -> None:
+def check_int(name: str, value: object, *, minimum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"'{name}' must be an integer, got {value!r}", field=name)
     if minimum is not None and value < minimum:
         raise ConfigError(f"'{name}' must be >= {minimum}, got {value}", field=name)
 
 
-def check_number(name: str, value) -> None:
+def check_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"'{name}' must be a number, got {value!r}", field=name)
 
 
-def check_probability(name: str, value) -> None:
+def check_probability(name: str, value: object) -> None:
     check_number(name, value)
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= cast(float, value) < 1.0:  # check_number let only an int or a float through
         raise ConfigError(f"'{name}' must be in [0, 1), got {value}", field=name)
 
 
-def check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value: object, choices: Collection[object]) -> None:
     if value not in choices:
         raise ConfigError(f"'{name}' must be one of {list(choices)}, got {value!r}", field=name)
 
 
-def check_bool(name: str, value) -> None:
+def check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"'{name}' must be true or false, got {value!r}", field=name)
 

@@ -1,9 +1,9 @@
-"""What the contract test (test_contract.py) needs to know per method, and nothing more: the sizes and
-parameters a site-level case may draw (only where a method's defaults do not fit any site), and how a
-method goes onto the tiny Llama (its ready rule file; graph-scope methods may need more first).
+"""What the contract test (test_contract.py) needs to know per method: the sizes and parameters a
+site-level case draws, the tolerance it is held to, and how a method goes onto the tiny Llama (its ready
+rule file; a graph-scope method may need more first, and says where a LoRA below it goes).
 
-A per-site method with no entry here is drawn at any size with its default parameters; a method with no
-ready rule file ``rules/<method>-llama*.toml`` fails the whole-model legs and says so."""
+A per-site method with no entry in SITE_CASES is drawn at any size with its default parameters; a method
+without a ready rule file ``rules/<method>-llama*.toml`` fails the whole-model legs and says so."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,14 @@ import torch
 from hypothesis import strategies as st
 
 import rewriter
+from rewriter.check import perturb
+from rewriter.core.tolerance import matmul_tolerance
+from rewriter.testing import fold_magnitude
 
-from shared import LORA_RULES, RULES_DIR, boft_geometries, boft_geometry_params
+from shared import LORA_RULES, RULES_DIR, absolute_copies, boft_geometries, boft_geometry_params
 
-MAX_FEATURES = 24
-#: Llama's parameters ("model.layers.0.self_attn.q_proj", ...): a LoRA on all of them
+MAX_FEATURES = 24  #: site sizes drawn: small, so that a case takes milliseconds
+#: the tiny Llama's linear projections (``model.layers.<i>.self_attn.q_proj``, ...), as LoRA suffixes
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -106,6 +109,35 @@ def site_cases(draw, method: str):
 
 
 @torch.no_grad()
+def site_tolerance(x, weight, bias, modules) -> float:
+    """Allowed |unmerged - merged| at one site (``weight [out, in]``): ``matmul_tolerance`` over the
+    magnitudes of the terms the two forms add up.  Per fold step the larger of the net change
+    (``rewriter.testing.fold_magnitude``) and the change with every factor taken in absolute value (the
+    fold of |W| by copies with |parameters|, as ``shared.site_tolerance`` takes it): a factored delta
+    (rank terms of LoRA, AdaLoRA, ...) rounds its terms before they cancel.  The bias is one more input
+    column of its own magnitude, |b| + the changes the folds make to it: ``site_merge_error`` allows it
+    one rounding of its own size, too little where a method scales the output after the bias is added
+    (BOFT's ``boft_s``: the unmerged form rounds ``y + b``, then the product)."""
+    absolute_bias = bias.abs() if bias is not None else None
+    magnitude = torch.maximum(fold_magnitude(weight, bias, modules),
+                              fold_magnitude(weight.abs(), absolute_bias, absolute_copies(modules)))
+    if bias is None:
+        return matmul_tolerance(x, magnitude, weight.dtype)
+    bias_magnitude = torch.zeros(bias.shape)
+    for w, b, mods in ((weight.float(), bias.float(), modules),
+                       (weight.float().abs(), absolute_bias.float(), absolute_copies(modules))):
+        total = b.abs()
+        for module in mods:
+            w, folded = module.fold(w, b)
+            total = total + (folded - b).abs()
+            b = folded
+        bias_magnitude = torch.maximum(bias_magnitude, total)
+    ones = torch.ones(*x.shape[:-1], 1)
+    return matmul_tolerance(torch.cat([x.float(), ones], -1), torch.cat([magnitude, bias_magnitude[:, None]], 1),
+                            weight.dtype)
+
+
+@torch.no_grad()
 def perturb_module(module, generator: torch.Generator, scale: float) -> None:
     """Move every parameter off its (often exact no-op) init: ``p += scale * N(0, 1)``."""
     for p in module.parameters():
@@ -137,7 +169,6 @@ STACKED_LORA = {"adaption_prompt": ["k_proj", "v_proj"], "xlora": ["gate_proj", 
 def install(method: str, traced, seed: int = 0) -> tuple[rewriter.Adapted, str]:
     """An Adapted of ``traced`` with ``method``'s ready rule file active alone, its weights perturbed
     (``rewriter.check.perturb``) away from their init; ``(adapted, adapter name)``."""
-    from rewriter.check import perturb
     torch.manual_seed(seed)
     adapted = rewriter.Adapted(traced)
     PREPARE.get(method, lambda a: None)(adapted)

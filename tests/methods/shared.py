@@ -337,16 +337,36 @@ def stack_tolerance(x, weight, bias, modules, dtype=None, scale_of=None):
     """Allowed |unmerged - merged|: the unmerged forward computes every partial fold
     ``x W_k^T + b_k`` (``W_k = f_k(...f_1(W))``) on the way, rounded in the dtype, and the
     output or input scales above level k amplify its error by at most their largest factor
-    ``scale_of(module)`` (rotations and additive levels do not: no ``scale_of``, no gain)."""
+    ``scale_of(module)`` (rotations and additive levels do not: no ``scale_of``, no gain).
+    An additive level computes its delta as a product of factors (LoRA's ``B (A x)``), rounded
+    before its terms cancel, so its step is sized by the larger of the net partial fold and the
+    fold with every factor in absolute value."""
     dtype = dtype or x.dtype
     w, b = weight.float(), (bias.float() if bias is not None else None)
+    wa, ba = w.abs(), (b.abs() if b is not None else None)
     total, gain = affine_tolerance(x, w, b, dtype), 1.0
     with torch.no_grad():
         for module in modules:
             w, b = module.fold(w, b)
-            total += affine_tolerance(x, w, b, dtype)
+            if module.additive:
+                (magnitude,) = absolute_copies([module])
+                wa, ba = magnitude.fold(wa, ba)
+                wa, ba = torch.maximum(wa, w.abs()), (None if b is None else torch.maximum(ba, b.abs()))
+            else:
+                wa, ba = w.abs(), (b.abs() if b is not None else None)
+            total += affine_tolerance(x, wa, ba, dtype)
             gain *= max(1.0, scale_of(module)) if scale_of is not None else 1.0
     return gain * total
+
+
+def absolute_copies(modules) -> list:
+    """Copies of ``modules`` with every parameter replaced by its absolute value."""
+    copies = [copy.deepcopy(m) for m in modules]
+    with torch.no_grad():
+        for m in copies:
+            for p in m.parameters():
+                p.abs_()
+    return copies
 
 
 def assert_forward_equals_fold(x, weight, bias, modules, conv1d=False, scale_of=None):

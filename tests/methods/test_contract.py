@@ -4,13 +4,15 @@ contract_cases.py).
 
 1. forward == fold: at one site, over random sizes, parameters, seeds and dtypes, the unmerged output
    (``run_site``) equals the folded weight's (``fold_site``, then ``F.linear``) within the tolerance
-   ``site_merge_error`` derives; a method that cannot be merged refuses with a MergeError and its reason.
+   derived from the dtype and the magnitudes of the terms (``contract_cases.site_tolerance``); a method
+   that cannot be merged refuses with a MergeError and its reason.
 2. unmerge is exact: on the tiny Llama (float32 and bfloat16), merge then unmerge gives the unmerged
    outputs bit for bit, and the base model's.
 3. save/load round trip in both formats: a fresh Adapted of the same traced model gives the same outputs
    bit for bit (a method without a PEFT type: saving in PEFT's format is refused, with the reason).
 4. stacked with LoRA: a LoRA below the method on its sites, both active, merged equals unmerged
-   (``assert_merge_equivalent``); a graph-scope method runs over a LoRA on its own blocks.
+   (``assert_merge_equivalent``); a graph-scope method runs over a LoRA on its own blocks, which merges
+   under it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rewriter
@@ -27,15 +29,16 @@ from rewriter.check import perturb
 from rewriter.core.graph import fold_site, run_site
 from rewriter.core.tolerance import output_tolerance
 from rewriter.errors import CheckpointError, MergeError
-from rewriter.testing import assert_merge_equivalent, make_site, site_merge_error
+from rewriter.testing import assert_merge_equivalent, make_site
 
 from contract_cases import (LLAMA_PROJECTIONS, STACKED_LORA, install, lora_rules_for, methods, perturb_module,
-                            site_cases)
+                            site_cases, site_tolerance)
 from shared import LORA_RULES, logits_of
 
 MODEL = "tiny-llama"
 METHODS = methods()
 SITE_DTYPES = [torch.float32, torch.bfloat16]
+SITE_EXAMPLES = 100  # per method, at least: a site case takes milliseconds
 IDS = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
@@ -75,6 +78,7 @@ def assert_changes(output, base, traced) -> None:
 def assert_site_forward_equals_fold(method: str) -> None:
     method_spec = spec(method)
 
+    @settings(max_examples=max(settings.default.max_examples, SITE_EXAMPLES))
     @given(case=site_cases(method), dtype=st.sampled_from(SITE_DTYPES), with_bias=st.booleans(),
            batch=st.sampled_from([(3,), (2, 5)]), seed=st.integers(0, 2**31 - 1),
            scale=st.sampled_from([0.05, 0.3, 1.0]))
@@ -95,10 +99,11 @@ def assert_site_forward_equals_fold(method: str) -> None:
             change = (module.fold(weight.float(), None)[0] - weight.float()).abs().max().item()
         assert change > 0, "the adapter is a no-op here: the case proves nothing"
         assert unmerged.dtype == merged.dtype == merged_weight.dtype == dtype
-        error, tol = site_merge_error(x, weight, bias, [module])
-        assert error == (unmerged.float() - merged.float()).abs().max().item()
+        error = (unmerged.float() - merged.float()).abs().max().item()
+        tol = site_tolerance(x, weight, bias, [module])
         assert error <= tol, f"{method}: |unmerged - merged| = {error:.3e} > {tol:.3e} ({params})"
 
+    check.hypothesis.inner_test._hypothesis_internal_add_digest = method.encode()  # one example database per method
     check()
 
 
@@ -182,7 +187,8 @@ def test_stacked_over_lora(method, traced_models):
         sites = sorted(adapted.adapters[name].modules)
         adapted.add_adapter(lora_rules_for(sites), "lora")
     else:  # on the method's own blocks
-        adapted.add_adapter(LORA_RULES.format(targets=json.dumps(STACKED_LORA.get(method, LLAMA_PROJECTIONS))), "lora")
+        projections = STACKED_LORA.get(method, LLAMA_PROJECTIONS)
+        adapted.add_adapter(LORA_RULES.format(targets=json.dumps(projections)), "lora")
     perturb(adapted, seed=1, scale=0.1, adapter_names=["lora"])
     adapted.set_adapter("lora")
     lora_alone = logits(adapted)

@@ -45,10 +45,10 @@ from ..registry import register
 from .config import AdaptionPromptConfig, select
 from .find import Attention, Projection, SiteResult, find_targets
 from .module import AdaptionPromptModule
-from .rewrite import AttentionBlocks, rewrite
+from .rewrite import AttentionBlocks
 
 __all__ = ["SPEC", "AdaptionPromptConfig", "AdaptionPromptModule", "Attention", "AttentionBlocks", "Projection",
-           "SiteResult", "find_targets", "rewrite", "select"]
+           "SiteResult", "find_targets", "select"]
 
 SPEC = register(MethodSpec(
     name="adaption_prompt",
