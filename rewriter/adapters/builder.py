@@ -20,9 +20,9 @@ from .trained import gate_trained_modules, read_trained_copies
 TargetOf = Callable[[str, str], Any]
 
 
-def entry(adapter: str, record, site: str, key: str, gate: str | None = None) -> StackEntry:
-    d = record.decision(site)
-    return StackEntry(f"{ADAPTERS_ATTR}.{adapter}.{key}", record.modules[site],
+def entry(adapter: str, record, d, key: str, gate: str | None = None) -> StackEntry:
+    """Adapter ``adapter``'s entry for decision ``d`` (one site) of its plan."""
+    return StackEntry(f"{ADAPTERS_ATTR}.{adapter}.{key}", record.modules[d.site],
                       {"adapter": adapter, "rule": d.rule, "method": d.method}, gate=gate)
 
 
@@ -34,7 +34,7 @@ def site_stacks(state: AdapterState, sites: Mapping[str, Site]) -> dict[str, lis
         if record.graph_scope is not None:
             continue  # applied by rewrite_graph_scope
         for d in record.plan.decisions:
-            stacks.setdefault(d.site, []).append(entry(name, record, d.site, sites[d.site].key))
+            stacks.setdefault(d.site, []).append(entry(name, record, d, sites[d.site].key))
     return stacks
 
 
@@ -48,7 +48,7 @@ def rewrite_graph_scope(graph: fx.Graph, state: AdapterState, target_of: TargetO
         entries = []
         for d in record.plan.decisions:
             target = target_of(d.method, d.site)
-            entries.append((target, entry(name, record, d.site, target.key)))
+            entries.append((target, entry(name, record, d, target.key)))
         graph = scope.rewrite(graph, entries, model)
         graph.lint()
     return graph
@@ -72,7 +72,7 @@ def mixed_graph(base: fx.Graph, sites: Mapping[str, Site], state: AdapterState, 
     for name in used:
         record = state.records[name]
         for d in record.plan.decisions:
-            stacks.setdefault(d.site, []).append(entry(name, record, d.site, sites[d.site].key,
+            stacks.setdefault(d.site, []).append(entry(name, record, d, sites[d.site].key,
                                                        gate=f"{MIX_ATTR}.{name}"))
     graph = build_graph(base, dict(sites), stacks, {})
     gate_trained_modules(graph, trained_copies)
