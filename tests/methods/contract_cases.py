@@ -7,6 +7,7 @@ without a ready rule file ``rules/<method>-llama*.toml`` fails the whole-model l
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -108,6 +109,16 @@ def site_cases(draw, method: str):
     return case(draw) if case is not None else (*features(draw), {})
 
 
+def chain_factor(weight, modules) -> float:
+    """``sqrt`` of how much longer the unmerged path's accumulation is than the ``in``-long dot product
+    ``matmul_tolerance`` sizes: an additive level sums its factored delta over an inner dimension (LoRA's
+    rank: its parameters over ``in + out``) and adds it on, one rounding more per level; on narrow sites
+    (``in`` of 1 or 2) those sums dominate."""
+    out_f, in_f = weight.shape
+    inner = sum(math.ceil(sum(p.numel() for p in m.parameters()) / (in_f + out_f)) for m in modules if m.additive)
+    return math.sqrt((in_f + inner + len(modules)) / in_f)
+
+
 @torch.no_grad()
 def site_tolerance(x, weight, bias, modules) -> float:
     """Allowed |unmerged - merged| at one site (``weight [out, in]``): ``matmul_tolerance`` over the
@@ -122,7 +133,7 @@ def site_tolerance(x, weight, bias, modules) -> float:
     magnitude = torch.maximum(fold_magnitude(weight, bias, modules),
                               fold_magnitude(weight.abs(), absolute_bias, absolute_copies(modules)))
     if bias is None:
-        return matmul_tolerance(x, magnitude, weight.dtype)
+        return matmul_tolerance(x, magnitude, weight.dtype) * chain_factor(weight, modules)
     bias_magnitude = torch.zeros(bias.shape)
     for w, b, mods in ((weight.float(), bias.float(), modules),
                        (weight.float().abs(), absolute_bias.float(), absolute_copies(modules))):
@@ -133,8 +144,9 @@ def site_tolerance(x, weight, bias, modules) -> float:
             b = folded
         bias_magnitude = torch.maximum(bias_magnitude, total)
     ones = torch.ones(*x.shape[:-1], 1)
-    return matmul_tolerance(torch.cat([x.float(), ones], -1), torch.cat([magnitude, bias_magnitude[:, None]], 1),
-                            weight.dtype)
+    return chain_factor(weight, modules) * matmul_tolerance(
+        torch.cat([x.float(), ones], -1), torch.cat([magnitude, bias_magnitude[:, None]], 1),
+        weight.dtype)
 
 
 @torch.no_grad()
